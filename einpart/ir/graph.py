@@ -23,7 +23,7 @@ REDUCERS = ("sum", "max", "mean")
 TENSOR_KINDS = ("param", "input", "state")
 RESERVED = frozenset(
     {"size", "index", "param", "input", "state", "output", "take", "write", "rope", "repeat",
-     "yield", "position", "causal", "sum", "max", "mean", "pos"} | set(UNARY_FUNCS)
+     "yield", "position", "causal", "sum", "max", "mean", "pos", "mesh"} | set(UNARY_FUNCS)
 )
 
 
@@ -312,6 +312,7 @@ class Graph:
     indices: tuple[IndexDecl, ...]
     body: Block
     outputs: tuple[str, ...]
+    mesh: tuple[tuple[str, int], ...] = ()   # named mesh axes and sizes, set by the shard pass
     source: str = field(default="<spec>", compare=False)
     text: str = field(default="", compare=False, repr=False)
 

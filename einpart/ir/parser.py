@@ -98,6 +98,12 @@ class _Builder(Transformer):
     def size_div(self, c):
         return g.SizeBin("/", c[0], c[1])
 
+    def mesh_decl(self, defs):
+        return ("mesh", list(defs))
+
+    def mesh_def(self, c):
+        return (str(c[0]), int(c[1]), self._tok_span(c[0]))
+
     def index_decl(self, defs):
         return list(defs)
 
@@ -238,7 +244,7 @@ class _Builder(Transformer):
 
 
 def _collect_block(items, nested: bool):
-    decls, stmts, sizes, indices, outputs = [], [], [], [], []
+    decls, stmts, sizes, indices, outputs, mesh = [], [], [], [], [], []
     for it in items:
         if isinstance(it, g.Decl):
             decls.append(it)
@@ -250,14 +256,16 @@ def _collect_block(items, nested: bool):
             indices.extend(it)
         elif isinstance(it, tuple) and it[0] == "output":
             outputs.extend(it[1])
+        elif isinstance(it, tuple) and it[0] == "mesh":
+            mesh.extend(it[1])
     if nested:
-        for what, found in (("size", sizes), ("index", indices), ("output", outputs)):
+        for what, found in (("size", sizes), ("index", indices), ("output", outputs), ("mesh", mesh)):
             if found:
-                span = found[0][1] if what == "output" else found[0].span
+                span = found[0][-1] if what in ("output", "mesh") else found[0].span
                 raise SpecError(f"'{what}' declarations belong at the top level, not inside a repeat block",
                                 span)
         return g.Block(tuple(decls), tuple(stmts))
-    return g.Block(tuple(decls), tuple(stmts)), sizes, indices, outputs
+    return g.Block(tuple(decls), tuple(stmts)), sizes, indices, outputs, mesh
 
 
 def parse_syntax(text: str, file: str = "<spec>") -> tuple[g.Graph, dict]:
@@ -274,9 +282,17 @@ def parse_syntax(text: str, file: str = "<spec>") -> tuple[g.Graph, dict]:
         if isinstance(e.orig_exc, SpecError):
             raise SpecError(e.orig_exc.message, e.orig_exc.span, text) from None
         raise
-    block, sizes, indices, outputs = _collect_block(items, nested=False)
-    graph = g.Graph(tuple(sizes), tuple(indices), block, tuple(n for n, _ in outputs), file, text)
-    return graph, dict(outputs)
+    block, sizes, indices, outputs, mesh = _collect_block(items, nested=False)
+    seen_axes: dict[str, g.Span] = {}
+    for name, size, span in mesh:
+        if name in seen_axes:
+            raise SpecError(f"mesh axis {name} is declared twice", span, text)
+        if size <= 0:
+            raise SpecError(f"mesh axis {name} must have a positive size, got {size}", span, text)
+        seen_axes[name] = span
+    graph = g.Graph(tuple(sizes), tuple(indices), block, tuple(n for n, _ in outputs),
+                    tuple((n, sz) for n, sz, _ in mesh), file, text)
+    return graph, {"outputs": dict(outputs), "mesh": seen_axes}
 
 
 def _syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
@@ -304,12 +320,12 @@ def _syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
 def parse(text: str, file: str = "<spec>", sizes: dict[str, int] | None = None,
           verify: bool = True) -> g.Graph:
     """Parse and verify a spec. `sizes` overrides size declarations (--set)."""
-    graph, output_spans = parse_syntax(text, file)
+    graph, spans = parse_syntax(text, file)
     if sizes:
         graph = override_sizes(graph, sizes)
     if verify:
         from .verify import verify as _verify
-        graph = _verify(graph, output_spans)
+        graph = _verify(graph, spans)
     return graph
 
 

@@ -129,6 +129,8 @@ def format_graph(graph: g.Graph) -> str:
     out: list[str] = []
     if graph.sizes:
         out.append("size " + ", ".join(f"{s.name} = {format_size_expr(s.expr)}" for s in graph.sizes))
+    if graph.mesh:
+        out.append("mesh " + ", ".join(f"{n} = {sz}" for n, sz in graph.mesh))
     if graph.indices:
         out.append("index " + ", ".join(f"{i.name}: {i.size}" for i in graph.indices))
     out += _block_lines(graph.body, "")

@@ -279,9 +279,31 @@ class _Verifier:
         return "[" + ", ".join(f"{i}={self.index_size[i]}" for i in t.indices) + "]"
 
     # -- the whole graph ----------------------------------------------------
-    def run(self, output_spans: dict) -> g.Graph:
+    def check_layouts(self, spans: dict):
+        """Mesh axes on tensor axes must be declared, used once per tensor, and divide the index."""
+        mesh = dict(self.graph.mesh)
+        types = [(d.name, d.type, d.span) for d, _ in self.graph.all_decls()]
+        types += [(s.name, s.type, s.span) for s, _ in self.graph.all_stmts()]
+        for name, typ, span in types:
+            used: list[str] = []
+            for a in typ.axes:
+                parts = 1
+                for m in a.mesh:
+                    if m not in mesh:
+                        self.err(f"'{name}' is laid out over mesh axis {m}, which the mesh does not declare", span)
+                    if m in used:
+                        self.err(f"'{name}' uses mesh axis {m} twice", span)
+                    used.append(m)
+                    parts *= mesh[m]
+                if self.index_size[a.index] % parts:
+                    self.err(f"'{name}': index {a.index} of size {self.index_size[a.index]} cannot be split "
+                             f"{parts} ways over mesh axes {', '.join(a.mesh)}", span)
+
+    def run(self, spans: dict) -> g.Graph:
+        output_spans = spans.get("outputs", {})
         self.check_indices()
         self.collect(self.graph.body, None)
+        self.check_layouts(spans)
         top = self.check_block(self.graph.body, set(), None)
         states = [d.name for d, _ in self.graph.all_decls() if d.kind == "state"]
         for name in states:
@@ -361,6 +383,8 @@ def _topo_sort(stmts: tuple[g.Statement, ...], v: _Verifier) -> tuple[g.Statemen
     return tuple(stmts[i] for i in order)
 
 
-def verify(graph: g.Graph, output_spans: dict | None = None) -> g.Graph:
-    """Check every rule; return the normalised graph. Raises SpecError."""
-    return _Verifier(graph).run(output_spans or {})
+def verify(graph: g.Graph, spans: dict | None = None) -> g.Graph:
+    """Check every rule; return the normalised graph. Raises SpecError.
+
+    `spans` (from the parser) locates names the IR keeps no span for (outputs)."""
+    return _Verifier(graph).run(spans or {})

@@ -1,0 +1,48 @@
+"""The `einpart` command. Each area registers its own subcommands (see
+COMMAND_MODULES); this module parses arguments and turns every EinpartError
+into one message on stderr and exit status 1, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import EinpartError
+
+# Modules that define `register(subparsers)`, each adding subcommands whose
+# `func(args) -> int` runs them.
+COMMAND_MODULES = (
+    "einpart.cli_ir",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="einpart",
+        description="Compile transformer inference written as einsum cascades into sharded JAX programs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except EinpartError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("einpart: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The layout algebra: what data movement a sharded statement implies.
+
+A layout maps each index of a tensor to the mesh axes it is split over
+(major to minor, as in a PartitionSpec entry). A statement's *split* maps
+each of its indices to mesh axes, every mesh axis used at most once: it
+says how the iteration space is divided. From the stored layouts of its
+operands, its split and the declared layout of its result follow exactly
+which collectives run. This module derives them once, so the cost model
+(which prices them) and codegen (which emits them) can never disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import graph as g
+
+Layout = dict  # index -> tuple of mesh axes
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One data movement. `index` is the tensor index it acts on.
+
+    all_gather: index becomes less split (suffix axes gathered, tiled).
+    slice:      index becomes more split (local dynamic slice, no traffic).
+    all_to_all: axes move from `other` (gathered) to `index` (split).
+    psum / pmax: partial results over axes combined (index is "").
+    psum_scatter: psum whose result is split along index over axes.
+    """
+    kind: str
+    index: str
+    axes: tuple[str, ...]
+    other: str = ""
+
+    def describe(self) -> str:
+        ax = ",".join(self.axes)
+        if self.kind in ("psum", "pmax"):
+            return f"{self.kind}({ax})"
+        if self.kind == "all_to_all":
+            return f"all_to_all({ax}: {self.other}->{self.index})"
+        return f"{self.kind}({self.index}/{ax})"
+
+
+def type_layout(typ: g.TensorType) -> Layout:
+    return {a.index: a.mesh for a in typ.axes}
+
+
+def ref_layout(ref: g.Ref, typ: g.TensorType) -> Layout:
+    """The stored layout of a tensor, with its axes renamed to the ref's indices."""
+    return {i: a.mesh for i, a in zip(ref.indices, typ.axes)}
+
+
+def with_layout(typ: g.TensorType, layout: Layout) -> g.TensorType:
+    return g.TensorType(tuple(g.Axis(a.index, tuple(layout.get(a.index, ()))) for a in typ.axes), typ.dtype)
+
+
+def split_attr(split: Layout) -> tuple:
+    """A split as an attribute value: [d(x), f(y, z)], sorted by index."""
+    return tuple(g.Term(i, tuple(g.Sym(a) for a in axes)) for i, axes in sorted(split.items()) if axes)
+
+
+def stmt_split(s: g.Statement) -> Layout:
+    value = g.attr(s.attrs, "split", ())
+    return {t.fn: tuple(a.name for a in t.args) for t in value}
+
+
+def parts(axes: tuple[str, ...], mesh: dict[str, int]) -> int:
+    n = 1
+    for a in axes:
+        n *= mesh[a]
+    return n
+
+
+def reshard(src: Layout, dst: Layout, indices: tuple[str, ...]) -> list[Collective]:
+    """Moves that turn layout src into dst: gathers first, then slices.
+
+    Per index, the common prefix stays; the rest of src is gathered (only a
+    suffix can be gathered and stay a valid layout), then the rest of dst is
+    sliced. A single axis gathered on one index and sliced on another is one
+    all_to_all.
+    """
+    gathers, slices = [], []
+    for i in indices:
+        a, b = tuple(src.get(i, ())), tuple(dst.get(i, ()))
+        if a == b:
+            continue
+        keep = 0
+        while keep < min(len(a), len(b)) and a[keep] == b[keep]:
+            keep += 1
+        if a[keep:]:
+            gathers.append(Collective("all_gather", i, a[keep:]))
+        if b[keep:]:
+            slices.append(Collective("slice", i, b[keep:]))
+    moves: list[Collective] = []
+    for gth in gathers:
+        match = next((s for s in slices if len(gth.axes) == 1 and s.axes == gth.axes), None)
+        if match is not None:
+            slices.remove(match)
+            moves.append(Collective("all_to_all", match.index, gth.axes, other=gth.index))
+        else:
+            moves.append(gth)
+    return moves + slices
+
+
+@dataclass(frozen=True)
+class StmtComm:
+    """All movement of one statement: per operand, the reduction, the result."""
+    operands: tuple[tuple[g.Ref, tuple[Collective, ...]], ...]
+    reduce: tuple[Collective, ...]
+    result: tuple[Collective, ...]
+    natural: tuple  # the result layout before the result moves, as sorted items
+
+    def all(self) -> list[Collective]:
+        out = [c for _, cs in self.operands for c in cs]
+        return out + list(self.reduce) + list(self.result)
+
+
+def stmt_refs(s: g.Statement) -> list[g.Ref]:
+    """Tensor operands read by a (non-repeat) statement, in a fixed order."""
+    op = s.op
+    if isinstance(op, g.Compute):
+        seen, out = set(), []
+        for r in g.expr_refs(op.expr):
+            key = (r.name, r.indices)
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+        return out
+    if isinstance(op, g.Take):
+        return [op.table] + ([op.ids] if isinstance(op.ids, g.Ref) else [])
+    if isinstance(op, g.Write):
+        return [op.cache, op.new]
+    if isinstance(op, g.Rope):
+        return [op.x]
+    return []
+
+
+def reduced_indices(s: g.Statement) -> tuple[str, ...]:
+    """Indices a statement combines across: its reduction, or a take's looked-up axis."""
+    op, out = s.op, set(s.type.indices)
+    if isinstance(op, g.Compute) and op.reduce is not None:
+        return tuple(i for i in g.expr_indices(op.expr) if i not in out)
+    if isinstance(op, g.Take):
+        return tuple(i for i in op.table.indices if i not in out)
+    return ()
+
+
+def split_problem(s: g.Statement, split: Layout, index_size: dict[str, int], mesh: dict[str, int]) -> str | None:
+    """Why a split is not legal for a statement, or None."""
+    used: list[str] = []
+    all_idx = set(s.type.indices) | {i for r in stmt_refs(s) for i in r.indices}
+    if isinstance(s.op, g.Compute):
+        all_idx |= set(g.expr_indices(s.op.expr))
+    for i, axes in split.items():
+        if not axes:
+            continue
+        if i not in all_idx:
+            return f"index {i} is not an index of '{s.name}'"
+        for a in axes:
+            if a not in mesh:
+                return f"mesh axis {a} is not declared"
+            if a in used:
+                return f"mesh axis {a} is used twice"
+            used.append(a)
+        if index_size[i] % parts(axes, mesh):
+            return f"index {i} of size {index_size[i]} does not split {parts(axes, mesh)} ways"
+    op = s.op
+    if isinstance(op, g.Rope) and split.get(op.pair):
+        return f"rope mixes the halves of index {op.pair}: it cannot be split"
+    if isinstance(op, g.Write):
+        new_only = next(i for i in op.new.indices if i not in op.cache.indices)
+        if split.get(new_only):
+            return f"the written positions {new_only} cannot be split (every shard of the cache needs them)"
+    if isinstance(op, g.Repeat) and any(split.values()):
+        return "a repeat statement has no split of its own"
+    if isinstance(op, g.Take) and isinstance(op.ids, g.Position) and split.get(op.ids.index):
+        pass  # positions are computed per shard from the axis index: fine
+    return None
+
+
+def plan_stmt(s: g.Statement, types: dict[str, g.TensorType], split: Layout) -> StmtComm:
+    """The collectives of a non-repeat statement under `split`."""
+    operands = []
+    for r in stmt_refs(s):
+        want = {i: split.get(i, ()) for i in r.indices}
+        operands.append((r, tuple(reshard(ref_layout(r, types[r.name]), want, r.indices))))
+    out = s.type.indices
+    natural = {i: tuple(split.get(i, ())) for i in out}
+    declared = type_layout(s.type)
+    red_axes = tuple(a for i in reduced_indices(s) for a in split.get(i, ()))
+    reduce: list[Collective] = []
+    if red_axes:
+        kind = "pmax" if isinstance(s.op, g.Compute) and s.op.reduce == "max" else "psum"
+        scatter = None
+        if kind == "psum":
+            for i in out:  # reduce-scatter when the result wants one more split, over reduced axes
+                have, want = natural[i], tuple(declared.get(i, ()))
+                extra = want[len(have):]
+                if want[:len(have)] == have and extra and set(extra) <= set(red_axes):
+                    scatter = (i, extra)
+                    break
+        if scatter is None:
+            reduce.append(Collective(kind, "", red_axes))
+        else:
+            i, extra = scatter
+            rest = tuple(a for a in red_axes if a not in extra)
+            if rest:
+                reduce.append(Collective("psum", "", rest))
+            reduce.append(Collective("psum_scatter", i, extra))
+            natural = dict(natural, **{i: natural[i] + extra})
+    result = tuple(reshard(natural, declared, out))
+    return StmtComm(tuple(operands), tuple(reduce), result, tuple(sorted(natural.items())))

@@ -1,0 +1,6 @@
+"""Passes over the IR and the pipeline that runs them. Importing this package
+registers the built-in passes."""
+from .manager import PASSES, Pass, parse_pipeline, register_pass, run_pipeline
+from . import basic  # noqa: F401  (registers dce, cast)
+
+__all__ = ["PASSES", "Pass", "parse_pipeline", "register_pass", "run_pipeline"]
