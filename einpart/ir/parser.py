@@ -41,8 +41,8 @@ def _expected(names) -> str:
     words = sorted({_TERMINAL_WORDS.get(n, repr(n.lower()) if n.isupper() and not n.startswith("__") else n)
                     for n in names})
     words = [w for w in words if not w.startswith("'__")]
-    if len(words) > 8:
-        words = words[:8] + ["..."]
+    if len(words) > 10:
+        words = words[:10] + ["..."]
     return ", ".join(words)
 
 
@@ -227,7 +227,7 @@ class _Builder(Transformer):
         return (str(c[0]), c[1])
 
     def v_number(self, c):
-        return c[0].value if isinstance(c[0], g.Const) else c[0]
+        return c[0]
 
     def v_symbol(self, c):
         return g.Sym(str(c[0]))
@@ -310,7 +310,7 @@ def _syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
         if e.token.type == "$END":
             lines = text.splitlines() or [""]
             line, col = len(lines), len(lines[-1]) + 1
-        msg = f"unexpected {_describe(e.token)}, expected {_expected(e.expected)}"
+        msg = f"unexpected {_describe(e.token)}, expected {_expected(e.accepts or e.expected)}"
     else:  # pragma: no cover - lark has no other kinds
         msg = str(e)
     width = len(str(e.token)) if isinstance(e, UnexpectedToken) and e.token.type != "$END" else 1
