@@ -36,7 +36,11 @@ _UNARY = {
 
 
 def round_to(x: np.ndarray, dtype: str, compute) -> np.ndarray:
-    """Round a value through its storage dtype, as a device would store it."""
+    """Round a value through its storage dtype, as a device would store it.
+
+    Floats stored as i8 round to nearest and saturate at +-127 (symmetric int8)."""
+    if dtype == "i8" and np.issubdtype(np.asarray(x).dtype, np.floating):
+        return np.clip(np.rint(x), -127, 127).astype(compute)
     if dtype == "bf16" and _BF16 is not None:
         return x.astype(_BF16).astype(compute)
     if dtype == "f16":
