@@ -13,6 +13,7 @@ from .errors import EinpartError
 # `func(args) -> int` runs them.
 COMMAND_MODULES = (
     "einpart.cli_ir",
+    "einpart.cli_frontend",
 )
 
 
