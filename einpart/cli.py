@@ -14,6 +14,7 @@ from .errors import EinpartError
 COMMAND_MODULES = (
     "einpart.cli_ir",
     "einpart.cli_frontend",
+    "einpart.passes.shard.cli",
 )
 
 

@@ -1,0 +1,246 @@
+"""Price an annotated single-phase graph: what each statement costs as codegen
+will run it, and the totals (seconds per step, MFU, memory per device).
+
+This reads only the graph: every statement's `split` attribute and the
+layouts on the types, through einpart.ir.layout.plan_stmt, the function
+codegen lowers from. So it prices exactly the collectives that run, for
+the planner's choice and for any layout written by hand, and the planner's
+objective can be checked against it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ...ir import graph as g
+from ...ir import layout as lay
+from ...ir.shapes import DTYPE_BYTES, decl_shapes
+from ...ir.verify import index_sizes, resolve_sizes
+from .cost import (Pricer, compute_time, is_contraction, local_bytes, price_moves, reduce_time,
+                   stmt_flops)
+from .hardware import Hardware, load_hardware
+
+
+@dataclass
+class StmtCost:
+    name: str
+    split: dict
+    layout: dict                 # declared result layout
+    collectives: list            # [(description, seconds)] in the order they run
+    compute_s: float             # FLOPs / peak
+    memory_s: float              # bytes / HBM bandwidth
+    comm_s: float
+    flops: float
+    count: int                   # executions per step (the layer count inside a repeat)
+    in_repeat: bool = False
+
+    @property
+    def time_s(self) -> float:
+        """One execution: roofline plus collectives (no overlap assumed)."""
+        return max(self.compute_s, self.memory_s) + self.comm_s
+
+
+@dataclass
+class PhaseReport:
+    phase: str
+    devices: int
+    hardware: str
+    stmts: list = field(default_factory=list)
+    weights_bytes: float = 0.0   # per device
+    kv_bytes: float = 0.0
+    input_bytes: float = 0.0
+    activation_bytes: float = 0.0   # peak of live statement results
+    model_flops: float = 0.0        # global FLOPs of the contractions
+    peak_flops: float = 0.0         # per device
+
+    @property
+    def step_s(self) -> float:
+        return sum(s.time_s * s.count for s in self.stmts)
+
+    @property
+    def compute_s(self) -> float:
+        return sum(s.compute_s * s.count for s in self.stmts)
+
+    @property
+    def memory_s(self) -> float:
+        return sum(s.memory_s * s.count for s in self.stmts)
+
+    @property
+    def comm_s(self) -> float:
+        return sum(s.comm_s * s.count for s in self.stmts)
+
+    @property
+    def mfu(self) -> float:
+        t = self.step_s
+        return self.model_flops / (t * self.devices * self.peak_flops) if t > 0 else 0.0
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.weights_bytes + self.kv_bytes + self.input_bytes + self.activation_bytes
+
+    def stmt(self, name: str) -> StmtCost:
+        return next(s for s in self.stmts if s.name == name)
+
+    def to_json(self) -> dict:
+        return {
+            "phase": self.phase, "devices": self.devices, "hardware": self.hardware,
+            "step_s": self.step_s, "compute_s": self.compute_s, "memory_s": self.memory_s,
+            "comm_s": self.comm_s, "mfu": self.mfu,
+            "memory_per_device": {"weights": self.weights_bytes, "kv_cache": self.kv_bytes,
+                                  "inputs": self.input_bytes, "activations": self.activation_bytes,
+                                  "total": self.memory_bytes},
+            "statements": [{
+                "name": s.name, "count": s.count, "split": {k: list(v) for k, v in s.split.items()},
+                "layout": {k: list(v) for k, v in s.layout.items() if v},
+                "collectives": [{"op": d, "s": t} for d, t in s.collectives],
+                "compute_s": s.compute_s, "memory_s": s.memory_s, "comm_s": s.comm_s, "time_s": s.time_s,
+            } for s in self.stmts],
+        }
+
+
+def stmt_cost(s: g.Statement, types: dict, sizes: dict, pricer: Pricer, hw: Hardware,
+              count: int, in_repeat: bool) -> StmtCost:
+    """Cost of one non-repeat statement under its `split` attribute and declared layout."""
+    split = lay.stmt_split(s)
+    comm = lay.plan_stmt(s, types, split)
+    out = s.type.indices
+    parts = []
+    for ref, moves in comm.operands:
+        item = DTYPE_BYTES[types[ref.name].dtype]
+        _, p = price_moves(moves, lay.ref_layout(ref, types[ref.name]), ref.indices, sizes, pricer, item)
+        parts += [(f"{c.describe()} on {ref.name}", t) for c, t in p]
+    res_b = DTYPE_BYTES[s.type.dtype]
+    natural = {i: tuple(split.get(i, ())) for i in out}
+    _, p = reduce_time(comm.reduce, natural, out, sizes, pricer, res_b)
+    parts += [(c.describe(), t) for c, t in p]
+    _, p = price_moves(comm.result, dict(comm.natural), out, sizes, pricer, res_b)
+    parts += [(f"{c.describe()} on result", t) for c, t in p]
+    _, flops, nbytes, _ = compute_time(s, types, sizes, split, hw, pricer.size)
+    refs = [types[r.name].dtype for r in lay.stmt_refs(s)]
+    peak = hw.flops_int8 if refs and all(d == "i8" for d in refs) else hw.flops_bf16
+    return StmtCost(s.name, split, lay.type_layout(s.type), parts, flops / peak, nbytes / hw.hbm_bandwidth,
+                    sum(t for _, t in parts), flops, count, in_repeat)
+
+
+def _carry_cost(s: g.Statement, types, sizes, pricer) -> list:
+    """A repeat moves its carried value only where init or yield are laid out unlike it."""
+    op, parts = s.op, []
+    want = lay.type_layout(s.type)
+    item = DTYPE_BYTES[s.type.dtype]
+    for src_name in (op.init, op.result):
+        src_l = {i: a.mesh for i, a in zip(s.type.indices, types[src_name].axes)}  # positional
+        moves = lay.reshard(src_l, want, s.type.indices)
+        _, p = price_moves(moves, src_l, s.type.indices, sizes, pricer, item)
+        parts += [(f"{c.describe()} on {src_name}", t) for c, t in p]
+    return parts
+
+
+def schedule(graph: g.Graph):
+    """Run order of the statements: (definition slot, last-use slot, end) by name.
+
+    A repeat takes one slot as its carry enters, then its body runs once
+    (layers run one after another, so one layer's values are live at a
+    time); the carry name inside the body stands for the repeat's value.
+    The planner's liveness intervals and the report's activation peak both
+    come from here, so the memory the solver limits is the memory reported.
+    """
+    alias = {s.op.carry: s.name for s, _ in graph.all_stmts() if isinstance(s.op, g.Repeat)}
+    defs: dict[str, int] = {}
+    last: dict[str, int] = {}
+    t = 0
+
+    def use(name, at):
+        name = alias.get(name, name)
+        last[name] = max(last.get(name, -1), at)
+
+    def walk(block):
+        nonlocal t
+        for s in block.stmts:
+            if isinstance(s.op, g.Repeat):
+                use(s.op.init, t)
+                defs[s.name] = t
+                t += 1
+                walk(s.op.body)
+                use(s.op.result, t)
+                use(s.name, t)
+                continue
+            for r in lay.stmt_refs(s):
+                use(r.name, t)
+            defs[s.name] = t
+            t += 1
+
+    walk(graph.body)
+    for o in graph.outputs:
+        use(o, t)
+    return defs, last, t
+
+
+def live_interval(name: str, defs: dict, last: dict) -> tuple[int, int]:
+    d = defs[name]
+    return d, max(last.get(name, d), d) + 1
+
+
+def peak_of(intervals_sizes) -> float:
+    """Largest sum of sizes over overlapping [start, end) intervals."""
+    events = []
+    for (a, b), size in intervals_sizes:
+        if b > a and size:
+            events += [(a, size), (b, -size)]
+    events.sort(key=lambda e: (e[0], e[1] > 0))
+    peak = cur = 0.0
+    for _, d in events:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+def result_bytes(s: g.Statement, idx: dict, mesh_size: dict) -> float:
+    """Bytes per device a statement's result holds (a cache write aliases the cache: none)."""
+    if isinstance(s.op, g.Write):
+        return 0.0
+    return local_bytes(s.type.indices, idx, lay.type_layout(s.type), mesh_size, DTYPE_BYTES[s.type.dtype])
+
+
+def activation_peak(graph: g.Graph, idx: dict, mesh_size: dict) -> float:
+    """Peak bytes per device of live statement results (see schedule)."""
+    defs, last, _ = schedule(graph)
+    return peak_of((live_interval(s.name, defs, last), result_bytes(s, idx, mesh_size))
+                   for s, _ in graph.all_stmts())
+
+
+def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = None) -> PhaseReport:
+    """Price a single-phase annotated graph (graph.mesh, splits, layouts) on `hardware`."""
+    hw = load_hardware(hardware)
+    mesh = graph.mesh or (("x", 1),)
+    pricer = Pricer(hw, mesh)
+    sz = sizes if sizes is not None else resolve_sizes(graph)
+    idx = index_sizes(graph, sz)
+    types = graph.types()
+    rep = PhaseReport(phase, math.prod(n for _, n in mesh), hw.name, peak_flops=hw.flops_bf16)
+
+    def walk(block: g.Block, count: int, in_repeat: bool):
+        for s in block.stmts:
+            if isinstance(s.op, g.Repeat):
+                parts = _carry_cost(s, types, idx, pricer)
+                if parts:
+                    rep.stmts.append(StmtCost(s.name, {}, lay.type_layout(s.type), parts, 0.0, 0.0,
+                                              sum(t for _, t in parts), 0.0, count, in_repeat))
+                walk(s.op.body, count * idx[s.op.index], True)
+                continue
+            rep.stmts.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat))
+            if is_contraction(s):
+                rep.model_flops += stmt_flops(s, idx, {}, pricer.size) * count
+
+    walk(graph.body, 1, False)
+    for shp in decl_shapes(graph, sz).values():
+        d = shp.decl
+        per = local_bytes(d.type.indices, idx, lay.type_layout(d.type), pricer.size, DTYPE_BYTES[d.type.dtype])
+        per *= shp.size / max(1, math.prod(idx[i] for i in d.type.indices))   # the stacked layer axis
+        if d.kind == "param":
+            rep.weights_bytes += per
+        elif d.kind == "state":
+            rep.kv_bytes += per
+        else:
+            rep.input_bytes += per
+    rep.activation_bytes = activation_peak(graph, idx, pricer.size)
+    return rep
