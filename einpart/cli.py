@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "einpart.cli_ir",
     "einpart.cli_frontend",
     "einpart.passes.shard.cli",
+    "einpart.cli_run",
 )
 
 

@@ -178,3 +178,11 @@ def test_error_messages(name, text, message):
 
 def test_at_least_ten_distinct_mistakes_are_pinned():
     assert len({m for _, _, m in MISTAKES}) >= 10
+
+
+def test_names_that_start_with_keywords():
+    text = ("size A = 2\nindex a: A\ninput params[a]\nstates[a] = exp(params[a])\n"
+            "summary[a] = states[a] * 2.0\nmaximum[a] = summary[a] + inputs_[a]\ninput inputs_[a]\noutput maximum\n")
+    graph = parse(text)
+    assert [s.name for s in graph.body.stmts] == ["states", "summary", "maximum"]
+    assert parse(format_graph(graph)) == graph

@@ -92,13 +92,26 @@ def reshard(src: Layout, dst: Layout, indices: tuple[str, ...]) -> list[Collecti
         if b[keep:]:
             slices.append(Collective("slice", i, b[keep:]))
     moves: list[Collective] = []
+    pairs: list[Collective] = []
     for gth in gathers:
         match = next((s for s in slices if len(gth.axes) == 1 and s.axes == gth.axes), None)
         if match is not None:
             slices.remove(match)
-            moves.append(Collective("all_to_all", match.index, gth.axes, other=gth.index))
+            pairs.append(Collective("all_to_all", match.index, gth.axes, other=gth.index))
         else:
             moves.append(gth)
+    # An all_to_all into index i appends an axis to i, so every move that gathers
+    # i's minor axes must run before it; in a cycle, one pair falls back to
+    # all_gather + slice.
+    while pairs:
+        ready = next((p for p in pairs if not any(q.other == p.index for q in pairs if q is not p)), None)
+        if ready is not None:
+            pairs.remove(ready)
+            moves.append(ready)
+        else:
+            p = pairs.pop(0)
+            moves.insert(0, Collective("all_gather", p.other, p.axes))
+            slices.append(Collective("slice", p.index, p.axes))
     return moves + slices
 
 
