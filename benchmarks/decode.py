@@ -173,9 +173,9 @@ def main(argv=None) -> int:
             print(f"einpart {layers:6s} prefill {prefill_b}x{prefill_p} {t * 1e3:8.1f} ms  "
                   f"{100 * flops / t / peak:.1f}% of measured peak", flush=True)
             del holder
-        params = ex.params
-        del ex
+        del ex   # frees its weights and caches before the next variant
 
+    params = jax.device_put(weights) if args.baseline else None
     for mode in [x for x in args.baseline.split(",") if x]:
         fn = jax.jit(make_step(scan=(mode == "scan")), donate_argnums=(1,))
         for b in batches:
