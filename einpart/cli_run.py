@@ -21,8 +21,8 @@ from pathlib import Path
 from .cli_ir import add_spec_args, example_path, load_spec, parse_sets
 from .errors import EinpartError
 
-# The plan compile/run/demo use by default. The ILP planner: DEFAULT_PLAN = "shard"
-DEFAULT_PLAN = "simple"
+# The plan compile/run/demo use by default: the ILP planner (the shard pass).
+DEFAULT_PLAN = "shard"
 PLANS = ("simple", "random", "replicated", "shard")
 # The planning pass per plan kind; {mesh} is the mesh as NAME=SIZE,... (quoted).
 PLAN_PIPELINES = {

@@ -188,7 +188,8 @@ def test_bf16_storage_matches_the_reference_at_bf16():
 # ------------------------------------------------------------------ CLI
 def test_cli_compile_writes_dumps_module_and_plan(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli_main(["compile", str(spec_path("llama")), "--mesh", "2x4", "--out", str(out)]) == 0
+    assert cli_main(["compile", str(spec_path("llama")), "--mesh", "2x4", "--plan", "simple",
+                     "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["00-input.ein", "01-plan.ein", "02-lower.py", "plan.json"]
     plan = json.loads((out / "plan.json").read_text())
@@ -197,6 +198,15 @@ def test_cli_compile_writes_dumps_module_and_plan(tmp_path, capsys):
     assert plan["programs"]["decode"]["sizes"]["T"] == 1 and plan["programs"]["prefill"]["sizes"]["T"] == 8
     assert plan["declarations"]["w_down"]["layout"] == {"f": ["x", "y"]}
     compile((out / "02-lower.py").read_text(), "02-lower.py", "exec")
+
+
+def test_cli_compile_plans_with_the_ilp_by_default(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli_main(["compile", str(spec_path("palm")), "--mesh", "2x4", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00-input.ein", "01-shard.ein", "02-lower.py", "plan.json"]
+    dump = (out / "01-shard.ein").read_text()
+    assert "mesh x = 2, y = 4" in dump and "split_decode=" in dump
+    assert json.loads((out / "plan.json").read_text())["mesh"] == {"x": 2, "y": 4}
 
 
 def test_cli_run_check(capsys):
