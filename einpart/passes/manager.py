@@ -8,6 +8,7 @@ pass is reported with its name and the passes that ran before it.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import time
 import typing
@@ -24,12 +25,13 @@ from ..ir.verify import verify
 PASSES: dict[str, type] = {}
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base of every pass. Subclasses are frozen dataclasses; options are fields."""
     name: ClassVar[str] = ""
 
-    def apply(self, graph: g.Graph) -> g.Graph:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def apply(self, graph: g.Graph) -> g.Graph:
+        """Return the rewritten or annotated graph; never print, never mutate."""
 
     def describe(self) -> str:
         opts = [f"{f.name}={_show(getattr(self, f.name))}" for f in dataclasses.fields(self)
