@@ -1,38 +1,54 @@
 """Generic sharding-strategy ILP: pick one strategy per node, minimise node plus
 edge (resharding) costs, under a memory limit over liveness intervals.
 
-Pipeline of :func:`solve`:
+Pipeline of :func:`solve` (``reductions=True``, the default):
 
-1. exact reductions (``reduce.Work``): forbidden/memory-infeasible/dominated
-   strategies, singleton folding, leaf and degree-2 chain elimination of
-   memory-free nodes, parallel-edge merging, edge normalisation (row/column
-   minima moved into node costs; additive edges vanish);
-2. a local-search start (greedy + coordinate descent + edge pair moves,
-   memory respecting, ``reduce.local_search``); its cost is an upper bound that
-   prunes every node strategy / edge pair that alone costs more than the gap to
-   the lower bound, after which the reductions run again;
-3. CP-SAT on what is left: one-hot bools per node; per edge the marginal
-   ("pair variable") formulation over classes of identical rows/columns
-   (exact and LP-tight on tree edges), forbidden pairs left out; one linear
-   memory constraint per maximal live set (deduplicated);
-4. the assignment is mapped back through the reconstruction stack and its
-   objective recomputed with :func:`evaluate` on the original graph.
+1. exact reductions (``reduce.Work``): forbidden, memory-infeasible and
+   dominated strategies go, identical strategies merge, single-strategy nodes
+   fold into their neighbours, functional edges (v determined by u) merge v
+   into u, memory-free nodes of degree <= 2 are eliminated (leaf / chain),
+   memory-relevant leaves keep only Pareto-optimal pairs, parallel edges merge
+   and row/column minima of every edge move into node costs (additive edges
+   vanish).  A reconstruction stack maps assignments back exactly.
+2. start solution: memory-respecting block coordinate descent (exact DP over
+   random induced forests, ``reduce.local_search``).  Its cost is an upper
+   bound: every node strategy / edge pair whose excess alone exceeds the gap
+   to the lower bound is dropped and the reductions run again.
+3. soft-memory rounds (Lagrangian relaxation of the memory constraints): the
+   memory limit is priced into node costs, the then memory-free graph is
+   reduced much further and solved by CP-SAT, and its answer is repaired by
+   the local search.  A proved inner optimum gives a lower bound; when it
+   meets the best cost the solution is optimal and CP-SAT is skipped.
+4. CP-SAT on the reduced graph with the best solution as a complete hint.
+   Default edge formulation ``form="enforced"``: one integer cost per edge,
+   ``e >= sum_j M[i,j]*y_j`` enforced by the row literal (and the column
+   version), allowed-pair constraints for forbidden entries; rows and columns
+   with identical entries share literals.  ``form="pairs"`` is the classic
+   marginal formulation (a bool per allowed pair, LP-tight on trees).  The
+   memory limit becomes one linear constraint per maximal live set
+   (segments implied by another are dropped).
+5. the assignment is mapped back and its objective recomputed with
+   :func:`evaluate` on the original graph.
 
 Integer costs are passed to CP-SAT as they are; others are scaled so the
 largest finite cost is ~1e9 (rounding error <= 0.5e-9 of it per term); the
 reported bound is lowered by the worst-case rounding error.  Non-integer
 usages are scaled conservatively (coefficients rounded up, limits down).
 
-Determinism: the reductions and the local search are deterministic (bounded by
-pass counts, not by time, in deterministic mode).  CP-SAT with a wall-clock
-limit is not reproducible (with several workers not even run to run on an
-idle machine).  ``deterministic=True`` sets ``interleave_search`` (documented
-in sat_parameters.proto as deterministic independently of num_workers) and
-uses ``time_limit`` as ``max_deterministic_time``; a wall-clock safety cap of
-``4*time_limit+10`` s remains and, if it ever triggers, breaks reproducibility.
+Determinism: the reductions are deterministic; the local search is seeded
+(``seed``) and only its wall-clock cap (off in deterministic mode) can cut it
+short.  CP-SAT with a wall-clock limit is not reproducible (with several
+workers not even run to run).  ``deterministic=True`` sets
+``interleave_search`` (documented in sat_parameters.proto as deterministic
+independently of num_workers), gives every CP-SAT call a deterministic time
+limit (``max_deterministic_time``; the final call gets ``time_limit`` of it,
+so wall time may exceed ``time_limit``), runs exactly three soft-memory
+rounds, and keeps a wall-clock safety cap of ``4*limit+10`` s per call which,
+if it ever triggers, breaks reproducibility.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,6 +57,9 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from .reduce import FORBIDDEN, Infeasible, Work, local_search
+
+_THETA0 = 0.05  # initial Polyak step factor of the soft-memory rounds
+_PENALTY_MIN_STRATEGIES = 1000  # smaller reduced graphs go straight to CP-SAT
 
 __all__ = ["StrategyGraph", "Solution", "evaluate", "peak_usage", "solve", "validate"]
 
@@ -134,7 +153,7 @@ def _feasible(graph, x) -> bool:
 class _Model:
     """CP-SAT model of the graph left in a Work."""
 
-    def __init__(self, work: Work):
+    def __init__(self, work: Work, form: str = "pairs"):
         self.work = work
         self.nodes = work.nodes()
         self.pos = {i: p for p, i in enumerate(self.nodes)}
@@ -171,7 +190,10 @@ class _Model:
                 obj_v.append(xs[s])
                 obj_c.append(int(round(costs[p][s] * self.scale)))
         self.z = []
-        for p, r, q, rinv, cinv in self.edges:
+        self.form = form
+        if form == "enforced":
+            self._enforced(obj_v, obj_c)
+        for p, r, q, rinv, cinv in (self.edges if form == "pairs" else ()):
             z = {}
             for a, b in zip(*np.nonzero(np.isfinite(q))):
                 z[a, b] = self.m.new_bool_var("")
@@ -189,16 +211,51 @@ class _Model:
         self.m.minimize(cp_model.LinearExpr.weighted_sum(obj_v, obj_c))
         cons, self.mem_binding = work.memory_constraints()
         self.mem_cons = len(cons)
-        for nodes, b in cons:
-            av = [work.use[i] - work.use[i].min() for i in nodes]
-            allv = np.concatenate(av + [[b]])
+        for terms, b in cons:
+            allv = np.concatenate(list(terms.values()) + [[b]])
             f = 1.0 if np.all(allv == np.round(allv)) else 1e9 / max(np.abs(allv).max(), 1e-300)
             vs, cs = [], []
-            for i, a in zip(nodes, av):
+            for i, a in terms.items():
                 for s in np.flatnonzero(a > 0):
                     vs.append(self.x[self.pos[i]][s])
                     cs.append(int(math.ceil(a[s] * f - 1e-9 * (f != 1.0))))
             self.m.add(cp_model.LinearExpr.weighted_sum(vs, cs) <= int(math.floor(b * f + 1e-9 * (f == 1.0))))
+
+    def _classlit(self, p, members):
+        if len(members) == 1:
+            return self.x[p][members[0]]
+        y = self.m.new_bool_var("")
+        self.m.add(y == cp_model.LinearExpr.sum([self.x[p][s] for s in members]))
+        self.classlits.append((y, p, set(members.tolist())))
+        return y
+
+    def _enforced(self, obj_v, obj_c):
+        """Edge cost as one integer per edge: e >= sum_b q[a,b]*col_b if row class a,
+        plus 'allowed columns' constraints for forbidden pairs (both sides)."""
+        self.e, self.classlits = [], []
+        for p, r, q, rinv, cinv in self.edges:
+            rl = [self._classlit(p, np.flatnonzero(rinv == a)) for a in range(q.shape[0])]
+            cl = [self._classlit(r, np.flatnonzero(cinv == b)) for b in range(q.shape[1])]
+            fin = np.isfinite(q)
+            qs = np.where(fin, np.round(np.where(fin, q, 0) * self.scale), 0).astype(np.int64)
+            e = None
+            if qs.max() > 0:
+                e = self.m.new_int_var(0, int(qs.max()), "")
+                obj_v.append(e)
+                obj_c.append(1)
+            self.e.append(e)
+            for a in range(q.shape[0]):
+                if not fin[a].all():
+                    self.m.add(cp_model.LinearExpr.sum([cl[b] for b in np.flatnonzero(fin[a])]) == 1).only_enforce_if(rl[a])
+                nz = np.flatnonzero(qs[a] > 0)
+                if e is not None and len(nz):
+                    self.m.add(e >= cp_model.LinearExpr.weighted_sum([cl[b] for b in nz], [int(qs[a, b]) for b in nz])).only_enforce_if(rl[a])
+            for b in range(q.shape[1]):
+                if not fin[:, b].all():
+                    self.m.add(cp_model.LinearExpr.sum([rl[a] for a in np.flatnonzero(fin[:, b])]) == 1).only_enforce_if(cl[b])
+                nz = np.flatnonzero(qs[:, b] > 0)
+                if e is not None and len(nz):
+                    self.m.add(e >= cp_model.LinearExpr.weighted_sum([rl[a] for a in nz], [int(qs[a, b]) for a in nz])).only_enforce_if(cl[b])
 
     def _marg(self, pairs, xs):
         """sum(pairs) == sum(xs): pair variables of one row (column) class."""
@@ -209,17 +266,28 @@ class _Model:
             self.m.add(cp_model.LinearExpr.sum(pairs) == cp_model.LinearExpr.sum(xs))
 
     def hint(self, partial):
-        """partial: {node: original strategy} for every node of the model."""
+        """partial: {node: original strategy}; nodes whose strategy is gone (or
+        missing) are left unhinted."""
         choice = []
         for p, i in enumerate(self.nodes):
-            s = int(np.searchsorted(self.work.strat[i], partial[i]))
+            st = self.work.strat[i]
+            s = int(np.searchsorted(st, partial.get(i, -1)))
+            s = s if s < len(st) and st[s] == partial.get(i, -1) else -1
             choice.append(s)
-            for t, var in enumerate(self.x[p]):
-                self.m.add_hint(var, t == s)
+            if s >= 0:
+                for t, var in enumerate(self.x[p]):
+                    self.m.add_hint(var, t == s)
         for (p, r, q, rinv, cinv), z in zip(self.edges, self.z):
-            a, b = rinv[choice[p]], cinv[choice[r]]
-            for key, var in z.items():
-                self.m.add_hint(var, key == (a, b))
+            if choice[p] >= 0 and choice[r] >= 0:
+                a, b = rinv[choice[p]], cinv[choice[r]]
+                for key, var in z.items():
+                    self.m.add_hint(var, key == (a, b))
+        for y, p, members in getattr(self, "classlits", []):
+            if choice[p] >= 0:
+                self.m.add_hint(y, choice[p] in members)
+        for (p, r, q, rinv, cinv), e in zip(self.edges, getattr(self, "e", [])):
+            if e is not None and choice[p] >= 0 and choice[r] >= 0:
+                self.m.add_hint(e, int(round(q[rinv[choice[p]], cinv[choice[r]]] * self.scale)))
 
     def read(self, solver):
         out = {}
@@ -233,15 +301,146 @@ def _to_partial(work, x):
     return {i: x[i] for i in work.nodes()}
 
 
+def _cpsat(model, limit, workers, seed, deterministic, log=False, params=None):
+    """Run CP-SAT on a _Model; returns (status, solver)."""
+    solver = cp_model.CpSolver()
+    prm = solver.parameters
+    prm.num_workers = workers
+    prm.random_seed = seed
+    prm.log_search_progress = log
+    limit = max(limit, 0.05)
+    if deterministic:
+        prm.interleave_search = True
+        prm.max_deterministic_time = limit
+        prm.max_time_in_seconds = 4 * limit + 10
+    else:
+        prm.max_time_in_seconds = limit
+    for k, v in (params or {}).items():
+        if isinstance(v, (list, tuple)):
+            getattr(prm, k).extend(v)
+        else:
+            setattr(prm, k, v)
+    st = solver.solve(model.m)
+    if st == cp_model.MODEL_INVALID:
+        raise RuntimeError(f"CP-SAT rejected the model: {model.m.validate()}")
+    return st, solver
+
+
+def _quick_cpsat(work, graph, best, limit, workers, seed, deterministic, form):
+    """Short CP-SAT run on the reduced graph: (status, full assignment or None)."""
+    model = _Model(work, form=form)
+    if best is not None:
+        model.hint(_to_partial(work, best))
+    st, solver = _cpsat(model, limit, workers, seed, deterministic)
+    if st == cp_model.INFEASIBLE:
+        raise Infeasible("CP-SAT proved the reduced model infeasible")
+    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    full = work.reconstruct(model.read(solver))
+    if not _feasible(graph, full):
+        return None
+    proved = st == cp_model.OPTIMAL and model.exact
+    return ("optimal" if proved else "feasible"), full
+
+
+def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, deterministic, form, stats):
+    """Soft-memory rounds (Lagrangian relaxation of the memory constraints).
+
+    Each round adds lam_c * usage to the node costs, drops the memory limit
+    (so every node becomes memory-free and the reductions shrink the graph
+    much further), solves that with CP-SAT, and repairs the memory overflow
+    of its answer with the memory-respecting local search.  The multipliers
+    follow a Polyak subgradient step.  Returns (best, best_obj, lower bound):
+    the penalised optimum minus lam.b bounds the constrained optimum below."""
+    cons, _ = work.memory_constraints()
+    lb = -math.inf
+    if not cons:
+        return best, best_obj, lb
+    b = np.array([bc for _, bc in cons])
+    lam = np.zeros(len(cons))
+    base = copy.deepcopy(work)
+    base.limit, base.parts, base.dirty = None, [[] for _ in range(base.n)], set(base.nodes())
+    prev = _to_partial(work, best) if best else None
+    theta, stall, rounds = _THETA0, 0, 0
+    while rounds < (3 if deterministic else 50):
+        left = until - time.perf_counter()
+        if not deterministic and left < 2.0:
+            break
+        rounds += 1
+        wi = copy.deepcopy(base)
+        for c, (terms, _) in enumerate(cons):
+            if lam[c] > 0:
+                for i, coef in terms.items():
+                    wi.cost[i] = wi.cost[i] + lam[c] * coef
+        wi.run()
+        start = local_search(wi, start=prev, iters=100, seed=seed + rounds)
+        if wi.nodes():
+            model = _Model(wi, form=form)
+            if start:
+                model.hint(start)
+            st, solver = _cpsat(model, 2.0 if deterministic else min(4.0, 0.5 * left),
+                                workers, seed, deterministic)
+            if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                stats.setdefault("penalty_rounds", []).append({"inner_status": solver.status_name(st)})
+                break
+            full = wi.reconstruct(model.read(solver))
+            err = 0.0 if model.exact else (model.terms + 1) * 0.5 / model.scale
+            # only a proved optimum is used as the Lagrangian value (a bound read
+            # from a run cut short in presolve was once seen above the optimum)
+            bound = (solver.objective_value / model.scale + model.base - err
+                     if st == cp_model.OPTIMAL else -math.inf)
+            raw = solver.best_objective_bound / model.scale + model.base
+        else:
+            full, bound = wi.reconstruct({}), wi.const
+            raw = bound
+        xp = _to_partial(work, full)
+        prev = xp
+        lagr = bound - float(lam @ b)
+        if lagr > best_obj:  # cannot be a bound: ignore
+            lagr = -math.inf
+        if lagr > lb and (lb == -math.inf or lagr > lb + 1e-9 * abs(lb)):
+            lb, stall = lagr, 0
+        else:
+            stall += 1
+            if stall >= 2:
+                theta, stall = theta / 2, 0
+        g = np.array([sum(coef[np.searchsorted(work.strat[i], xp[i])] for i, coef in terms.items())
+                      for terms, _ in cons]) - b
+        cands = [xp] if (g <= 0).all() else []
+        for k in range(4):  # repair the overflow (and improve) with the memory-aware local search
+            xr = local_search(work, start=xp, iters=100, seed=seed + 1000 * rounds + k)
+            if xr:
+                cands.append(xr)
+        for xc in cands:
+            fullc = work.reconstruct(xc)
+            obj = evaluate(graph, fullc)
+            if obj < best_obj and _feasible(graph, fullc):
+                best, best_obj = fullc, obj
+        stats.setdefault("penalty_rounds", []).append(
+            {"lagrangian_bound": lagr, "overflow": float(np.maximum(g, 0).sum()), "best": best_obj})
+        nrm = float(g @ g)
+        if nrm == 0 or lb >= best_obj - 1e-9 * abs(best_obj):  # gap closed: best is optimal
+            break
+        # Polyak step towards the best cost; the reference value is the inner
+        # solver's bound even when not proved (a step size needs no proof)
+        ref = min(raw - float(lam @ b), best_obj) if math.isfinite(best_obj) else raw - float(lam @ b)
+        ub = best_obj if math.isfinite(best_obj) else 2 * abs(ref) + 1
+        lam = np.maximum(0.0, lam + theta * max(ub - ref, 0.01 * abs(ub)) / nrm * g)
+    return best, best_obj, lb
+
+
 def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, workers: int = 2,
           reductions: bool = True, hint=None, heuristic: bool | None = None,
-          deterministic: bool = False, log: bool = False, params: dict | None = None) -> Solution:
+          deterministic: bool = False, log: bool = False, params: dict | None = None,
+          form: str = "enforced", penalty_share: float = 0.5) -> Solution:
     """Minimise the cost of a strategy assignment (see module docstring).
 
     ``reductions=False`` gives the plain CP-SAT model (only forbidden strategies
-    dropped); ``heuristic`` (default: same as ``reductions``) runs the local
-    search for a start solution and bound pruning.  ``hint`` is a full
-    assignment in original numbering; if feasible it seeds the search.
+    dropped, no start solution): the baseline.  ``heuristic`` (default: same as
+    ``reductions``) runs the local search, bound pruning and, with a memory
+    limit, the soft-memory rounds for up to ``penalty_share`` of the time.
+    ``hint`` is a full assignment in original numbering; if feasible it seeds
+    the search.  ``form`` picks the edge formulation ("enforced" or "pairs").
     ``params`` sets extra CP-SAT parameters by name.
     """
     t0 = time.perf_counter()
@@ -261,13 +460,15 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
         return Solution(list(x) if x is not None else [], obj, bound, gap, status,
                         time.perf_counter() - t0, stats)
 
-    best, best_obj = None, math.inf
+    best, best_obj, lag_lb = None, math.inf, -math.inf
     if hint is not None and _feasible(graph, list(hint)):
         best, best_obj = list(hint), evaluate(graph, hint)
+    work = None
     try:
         work = Work(graph.node_costs, graph.node_usages, graph.intervals, graph.edges,
                     graph.edge_costs, graph.usage_limit)
-        stats["before"] = work.counts()
+        stats["before"] = {"nodes": len(graph.node_costs), "edges": len(graph.edges),
+                           "strategies": int(sum(len(c) for c in graph.node_costs))}
         if reductions:
             work.run()
         else:
@@ -275,59 +476,82 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
         t1 = time.perf_counter()
         times["reduce"] = t1 - t0
         if heuristic:
-            budget = None if deterministic else 0.25 * time_limit
-            for _ in range(4):
-                x = local_search(work, _to_partial(work, best) if best else None, t_cap=budget)
+            def improve(x):
+                nonlocal best, best_obj
                 if x is not None:
                     full = work.reconstruct(x)
                     if _feasible(graph, full) and evaluate(graph, full) < best_obj:
                         best, best_obj = full, evaluate(graph, full)
-                stats.setdefault("heuristic_costs", []).append(best_obj)
-                if best is None or not reductions or not work.prune_by_bound(best_obj):
-                    break
-                work.run()
-        t2 = time.perf_counter()
-        times["heuristic"] = t2 - t1
+
+            def prune():
+                if best is not None and reductions and work.prune_by_bound(best_obj):
+                    work.run()
+
+            improve(local_search(work, _to_partial(work, best) if best else None, seed=seed,
+                                 t_cap=None if deterministic else 0.2 * time_limit))
+            stats["heuristic_cost"] = best_obj
+            prune()
+            t2 = time.perf_counter()
+            times["local_search"] = t2 - t1
+            if work.counts()["strategies"] >= _PENALTY_MIN_STRATEGIES:
+                # a short plain CP-SAT run first: easy instances are proved here
+                tq = time.perf_counter()
+                quick = _quick_cpsat(work, graph, best, 2.0 if deterministic else min(0.15 * time_limit, 10.0),
+                                     workers, seed, deterministic, form)
+                times["quick_cpsat"] = time.perf_counter() - tq
+                if quick is not None:
+                    status, xq = quick
+                    stats["quick_status"] = status
+                    if xq is not None and evaluate(graph, xq) < best_obj:
+                        best, best_obj = xq, evaluate(graph, xq)
+                    if status == "optimal":
+                        stats["after"], stats["removed"] = work.counts(), dict(work.removed)
+                        stats["proved_by"] = "quick CP-SAT"
+                        return done("optimal", best)
+                    prune()
+                best, best_obj, lag_lb = _penalty_rounds(
+                    work, graph, best, best_obj, t0 + penalty_share * time_limit, workers, seed,
+                    deterministic, form, stats)
+            stats["penalty_cost"] = best_obj
+            prune()
+            improve(local_search(work, _to_partial(work, best) if best else None, seed=seed + 1,
+                                 iters=100, t_cap=None if deterministic else 0.1 * time_limit))
+            times["penalty"] = time.perf_counter() - t2
     except Infeasible as exc:
         stats["infeasible_reason"] = str(exc)
-        stats["removed"] = dict(work.removed) if "work" in locals() else {}
+        if work is not None:
+            stats["after"], stats["removed"] = work.counts(), dict(work.removed)
         return done("infeasible")
+    t2 = time.perf_counter()
     stats["after"] = work.counts()
+    if best is not None and lag_lb >= best_obj - 1e-9 * max(1.0, abs(best_obj)):
+        stats["proved_by"] = "lagrangian bound"
+        return done("optimal", best)
     stats["removed"] = dict(work.removed)
     stats["reduce_phases_s"] = dict(work.times)
     if not work.nodes():  # everything eliminated: the reductions solved it
-        return done("optimal", work.reconstruct({}))
-    model = _Model(work)
+        full = work.reconstruct({})
+        return done("optimal", full) if _feasible(graph, full) else done("infeasible")
+    try:
+        model = _Model(work, form=form)
+    except Infeasible as exc:
+        stats["infeasible_reason"] = str(exc)
+        return done("infeasible")
     stats["model"] = {"node_vars": sum(map(len, model.x)), "pair_vars": model.pair_vars,
                       "memory_constraints": model.mem_cons, "binding_segments": model.mem_binding,
-                      "scale": model.scale}
+                      "scale": model.scale, "form": form}
     if best is not None:
         model.hint(_to_partial(work, best))
     t3 = time.perf_counter()
     times["model"] = t3 - t2
-    solver = cp_model.CpSolver()
-    prm = solver.parameters
-    remaining = max(time_limit - (t3 - t0), 0.5)
-    prm.num_workers = workers
-    prm.random_seed = seed
-    prm.log_search_progress = log
-    if deterministic:
-        prm.interleave_search = True
-        prm.max_deterministic_time = remaining
-        prm.max_time_in_seconds = 4 * remaining + 10
-    else:
-        prm.max_time_in_seconds = remaining
-    for k, v in (params or {}).items():
-        setattr(prm, k, v)
-    st = solver.solve(model.m)
+    st, solver = _cpsat(model, time_limit if deterministic else time_limit - (t3 - t0),
+                        workers, seed, deterministic, log, params)
     times["cpsat"] = time.perf_counter() - t3
     stats["cpsat_status"] = solver.status_name(st)
-    if st == cp_model.MODEL_INVALID:
-        raise RuntimeError(f"CP-SAT rejected the model: {model.m.validate()}")
     if st == cp_model.INFEASIBLE:
         return done("infeasible")
     err = 0.0 if model.exact else (model.terms + 1) * 0.5 / model.scale
-    bound = solver.best_objective_bound / model.scale + model.base - err
+    bound = max(solver.best_objective_bound / model.scale + model.base - err, lag_lb)
     if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         full = work.reconstruct(model.read(solver))
         obj = evaluate(graph, full)

@@ -5,6 +5,10 @@ least one optimal solution of the original problem, and every eliminated node
 leaves an entry on a reconstruction stack so that an assignment of the nodes
 that remain maps back to a full assignment of the original graph.
 
+``local_search`` (end of file) is the memory-respecting block coordinate
+descent that gives the solver its start solutions and repairs the answers of
+the soft-memory rounds.
+
 Conventions: a forbidden choice is ``inf`` (inputs >= 1e15 are converted);
 strategies are tracked by their ORIGINAL index (``strat[i]`` is sorted and only
 ever shrinks); time is compressed to segments between liveness event points.
@@ -17,7 +21,10 @@ usage of eliminated nodes.  A segment is *binding* when
 is live in no binding segment; only memory-free nodes are eliminated (their
 usage then cannot matter: binding status only ever goes down as strategies are
 removed), and ``off`` gets their largest usage.  This keeps every reduction
-exact with a memory limit, at the price of keeping memory-relevant leaves.
+exact with a memory limit, at the price of keeping memory-relevant leaves
+(their pairs are Pareto-pruned instead).  A node merged through a functional
+edge carries the usage of both: ``parts[i]`` is a list of (segment range,
+usage per strategy).
 """
 from __future__ import annotations
 
@@ -47,11 +54,13 @@ class Work:
         self.alive = [True] * n
         self.strat = [np.arange(len(c)) for c in node_costs]
         self.cost = [_fin(c).copy() for c in node_costs]
-        self.use = [np.asarray(u, dtype=np.float64).copy() for u in node_usages]
         self.limit = None if usage_limit is None else float(usage_limit)
         pts = sorted({t for (s, e) in intervals if s < e for t in (s, e)})
         pos = {t: k for k, t in enumerate(pts)}
-        self.seg = [(pos[s], pos[e]) if s < e else (0, 0) for (s, e) in intervals]
+        # memory parts of a node: [(first segment, end segment, usage per strategy)]
+        self.parts = [[(pos[s], pos[e], np.asarray(u, dtype=np.float64).copy())]
+                      if s < e and self.limit is not None else []
+                      for (s, e), u in zip(intervals, node_usages)]
         self.nseg = max(len(pts) - 1, 0)
         self.off = np.zeros(self.nseg)
         self.adj = [dict() for _ in range(n)]
@@ -91,6 +100,10 @@ class Work:
         m = self.emat[eid]
         return m if self.ends[eid][0] == node else m.T
 
+    def set_mat(self, eid, node, m):
+        self.emat[eid] = m if self.ends[eid][0] == node else m.T
+        self.dirty.update(self.ends[eid])
+
     def del_edge(self, eid):
         u, v = self.ends.pop(eid)
         del self.emat[eid], self.adj[u][v], self.adj[v][u]
@@ -102,7 +115,8 @@ class Work:
         if not mask.any():
             raise Infeasible(f"node {i}: every strategy is ruled out ({why})")
         self.removed[why] += int((~mask).sum())
-        self.strat[i], self.cost[i], self.use[i] = self.strat[i][mask], self.cost[i][mask], self.use[i][mask]
+        self.strat[i], self.cost[i] = self.strat[i][mask], self.cost[i][mask]
+        self.parts[i] = [(a, b, u[mask]) for a, b, u in self.parts[i]]
         for nb, eid in self.adj[i].items():
             m = self.emat[eid]
             self.emat[eid] = m[mask] if self.ends[eid][0] == i else m[:, mask]
@@ -110,14 +124,13 @@ class Work:
         self.dirty.add(i)
         return True
 
-    def kill(self, i, kind, entry):
+    def kill(self, i, kind, entry, usage=True):
         """Remove node i (already detached from all edges) from the graph."""
         self.alive[i] = False
         self.removed[kind] += 1
         self.stack.append(entry)
-        a, b = self.seg[i]
-        if a < b:
-            self.off[a:b] += self.use[i].max()
+        for a, b, u in self.parts[i] if usage else ():
+            self.off[a:b] += u.max()
 
     def nodes(self):
         return [i for i in range(self.n) if self.alive[i]]
@@ -135,33 +148,62 @@ class Work:
         dmin = np.zeros(self.nseg + 1)
         dmax = np.zeros(self.nseg + 1)
         for i in self.nodes():
-            a, b = self.seg[i]
-            if a < b:
-                lo = self.use[i].min()
+            for a, b, u in self.parts[i]:
+                lo, hi = u.min(), u.max()
                 dmin[a] += lo
                 dmin[b] -= lo
-                dmax[a] += self.use[i].max() - lo
-                dmax[b] -= self.use[i].max() - lo
+                dmax[a] += hi - lo
+                dmax[b] -= hi - lo
         bvec = self.limit - self.off - np.cumsum(dmin)[:-1]
         maxa = np.cumsum(dmax)[:-1]
-        binding = maxa > bvec
-        cb = np.concatenate([[0], np.cumsum(binding)])
-        free = [True] * self.n
-        for i in self.nodes():
-            a, b = self.seg[i]
-            if a < b and cb[b] > cb[a] and self.use[i].max() > self.use[i].min():
-                free[i] = False
+        cb = np.concatenate([[0], np.cumsum(maxa > bvec)])
+        free = [all(cb[b] == cb[a] or u.max() == u.min() for a, b, u in self.parts[i])
+                for i in range(self.n)]
         return bvec, maxa, free
 
+    def memory_constraints(self):
+        """[({node: coefficients}, b_k)] for the binding segments k, minus those
+        implied by another: k is implied by j when every variable-usage part
+        live at k is live at j (j in the common window of those parts) and
+        b_j <= b_k (ties: lower index wins), as coefficients are >= 0.
+        Returns (constraints, number of binding segments)."""
+        if self.limit is None:
+            return [], 0
+        bvec, maxa, _ = self.mem_state()
+        live = [[] for _ in range(self.nseg)]
+        for i in self.nodes():
+            for a, b, u in self.parts[i]:
+                if u.max() > u.min():
+                    for k in range(a, b):
+                        live[k].append((i, a, b, u))
+        binding = np.flatnonzero(maxa > bvec)
+        cons = []
+        for k in binding:
+            if not live[k]:  # maxa = 0 > b: over the limit at minimum usage
+                raise Infeasible("memory limit exceeded even at minimum usage")
+            lo = max(t[1] for t in live[k])
+            hi = min(t[2] for t in live[k])
+            j = lo + int(np.argmin(bvec[lo:hi]))
+            if (bvec[j], j) < (bvec[k], k):
+                continue
+            terms = {}
+            for i, _, _, u in live[k]:
+                terms[i] = terms.get(i, 0.0) + (u - u.min())
+            cons.append((terms, float(bvec[k])))
+        return cons, len(binding)
+
     # ---- reductions -------------------------------------------------------------
+    def drop_forbidden(self):
+        """The only reduction of the plain model: strategies with forbidden cost."""
+        for i in self.nodes():
+            self.keep(i, np.isfinite(self.cost[i]), "strategies_forbidden")
+
     def prune(self):
         """Drop forbidden strategies, rows forbidden against a whole neighbour, and
         strategies whose extra usage exceeds the memory slack somewhere."""
         changed = False
         for i in self.nodes():
             mask = np.isfinite(self.cost[i])
-            changed |= self.keep(i, mask, "strategies_forbidden")
-            mask = np.ones(len(self.strat[i]), bool)
             for eid in self.adj[i].values():
                 mask &= np.isfinite(self.mat(eid, i)).any(axis=1)
             changed |= self.keep(i, mask, "strategies_forbidden")
@@ -169,12 +211,13 @@ class Work:
             bvec, _, _ = self.mem_state()
             again = False
             for i in self.nodes():
-                a, b = self.seg[i]
-                if a < b:
+                mask = np.ones(len(self.strat[i]), bool)
+                for a, b, u in self.parts[i]:
                     slack = bvec[a:b].min()
                     if slack < 0:
                         raise Infeasible(f"node {i}: memory limit exceeded even at minimum usage")
-                    again |= self.keep(i, self.use[i] - self.use[i].min() <= slack, "strategies_memory")
+                    mask &= u - u.min() <= slack
+                again |= self.keep(i, mask, "strategies_memory")
             changed |= again
             if not again:
                 break
@@ -208,6 +251,8 @@ class Work:
         for i in self.nodes():
             if len(self.strat[i]) != 1:
                 continue
+            if not np.isfinite(self.cost[i][0]):
+                raise Infeasible(f"node {i}: its only strategy is forbidden")
             for nb, eid in list(self.adj[i].items()):
                 self.cost[nb] = self.cost[nb] + self.mat(eid, nb)[:, 0]
                 self.del_edge(eid)
@@ -215,6 +260,14 @@ class Work:
             self.kill(i, "nodes_fixed", ("fix", i, int(self.strat[i][0])))
             changed = True
         return changed
+
+    def _usage_le(self, i):
+        """le[a, b]: strategy a uses no more memory than b in every part."""
+        k = len(self.strat[i])
+        le = np.ones((k, k), bool)
+        for _, _, u in self.parts[i]:
+            le &= u[:, None] <= u[None, :]
+        return le
 
     def dominance(self, mem):
         """Remove strategy a of a node when some b is never worse: for every
@@ -226,19 +279,17 @@ class Work:
         todo, self.dirty = sorted(i for i in self.dirty if self.alive[i]), set()
         for i in todo:
             k = len(self.strat[i])
-            if k <= 1:
-                continue
-            if not np.isfinite(self.cost[i]).all():
+            if k <= 1 or not np.isfinite(self.cost[i]).all():
                 continue
             d = self.cost[i][None, :] - self.cost[i][:, None]  # d[a, b]
-            for eid in self.adj[i].values():
-                m = self.mat(eid, i)
-                with np.errstate(invalid="ignore"):
+            with np.errstate(invalid="ignore"):
+                for eid in self.adj[i].values():
+                    m = self.mat(eid, i)
                     diff = m[None, :, :] - m[:, None, :]
-                diff[np.broadcast_to(np.isinf(m)[:, None, :], diff.shape)] = -INF
-                d += diff.max(axis=2) if m.shape[1] else 0.0
+                    diff[np.broadcast_to(np.isinf(m)[:, None, :], diff.shape)] = -INF
+                    d += diff.max(axis=2)
             if mem is not None and not mem[2][i]:
-                d[self.use[i][None, :] > self.use[i][:, None]] = INF
+                d[~self._usage_le(i).T] = INF
             np.fill_diagonal(d, INF)
             dom = d <= 0
             if not dom.any():
@@ -248,6 +299,59 @@ class Work:
                 if (dom[a] & mask).any():
                     mask[a] = False
             changed |= self.keep(i, mask, "strategies_dominated")
+        return changed
+
+    def leaf_pareto(self, mem):
+        """For a memory-relevant leaf v with neighbour u: given u's strategy i,
+        only v's strategies that are Pareto-optimal in (cost_v + M[i, .], usage)
+        can be needed; the other pairs become forbidden.  Often this leaves one
+        pair per row, and the functional edge is then merged."""
+        changed = False
+        for v in self.nodes():
+            if len(self.adj[v]) != 1 or mem is None or mem[2][v]:
+                continue
+            (u, eid), = self.adj[v].items()
+            m = self.mat(eid, u)
+            t = m + self.cost[v][None, :]
+            le = self._usage_le(v)
+            k = len(self.strat[v])
+            idx = np.arange(k)
+            tie = le & (~le.T | (idx[:, None] < idx[None, :]))  # usage: weakly better, ties by index
+            # j1 dominates j2 in row i
+            dom = (t[:, :, None] < t[:, None, :]) & le[None] | (t[:, :, None] == t[:, None, :]) & tie[None]
+            dom &= np.isfinite(t)[:, :, None]
+            dom[:, idx, idx] = False
+            bad = dom.any(axis=1) & np.isfinite(m)
+            if bad.any():
+                self.removed["pairs_leaf_pareto"] += int(bad.sum())
+                self.set_mat(eid, u, np.where(bad, INF, m))
+                changed = True
+        return changed
+
+    def merge_functional(self):
+        """Edge on which each strategy of u allows exactly one strategy of v:
+        v = f(u), so v merges into u (costs, usage parts and edges follow f)."""
+        changed = False
+        for eid in list(self.emat):
+            if eid not in self.emat:
+                continue
+            u, v = self.ends[eid]
+            fin = np.isfinite(self.emat[eid])
+            if not (fin.sum(axis=1) == 1).all():
+                if not (fin.sum(axis=0) == 1).all():
+                    continue
+                u, v = v, u
+            m = self.mat(eid, u)
+            f = np.argmax(np.isfinite(m), axis=1)
+            self.cost[u] = self.cost[u] + self.cost[v][f] + m[np.arange(len(f)), f]
+            self.parts[u] = self.parts[u] + [(a, b, w[f]) for a, b, w in self.parts[v]]
+            self.del_edge(eid)
+            for w, e2 in list(self.adj[v].items()):
+                n = self.mat(e2, v)[f]
+                self.del_edge(e2)
+                self.add_edge(u, w, n)
+            self.kill(v, "nodes_merged", ("leaf", v, u, self.strat[u].copy(), self.strat[v][f]), usage=False)
+            changed = True
         return changed
 
     def eliminate(self, mem):
@@ -260,6 +364,8 @@ class Work:
             if not self.alive[v] or not free[v]:
                 continue
             deg = len(self.adj[v])
+            if not np.isfinite(self.cost[v]).any():
+                raise Infeasible(f"node {v}: every strategy is ruled out (forbidden)")
             if deg == 0:
                 j = int(np.argmin(self.cost[v]))
                 self.const += float(self.cost[v][j])
@@ -303,43 +409,15 @@ class Work:
             t0 = time.perf_counter()
             mem = self.mem_state()
             self.times["memory"] += time.perf_counter() - t0
-            for name, fn in (("dominance", self.dominance), ("eliminate", self.eliminate)):
+            for name, fn in (("dominance", self.dominance), ("leaf_pareto", self.leaf_pareto),
+                             ("merge", lambda _: self.merge_functional()), ("eliminate", self.eliminate)):
                 t0 = time.perf_counter()
                 changed |= fn(mem)
                 self.times[name] += time.perf_counter() - t0
+                if changed and mem is not None and name in ("leaf_pareto", "merge"):
+                    mem = self.mem_state()  # merging adds usage parts to a node
             if not changed:
                 return
-
-    def drop_forbidden(self):
-        """The only reduction of the plain model: strategies with forbidden cost."""
-        for i in self.nodes():
-            self.keep(i, np.isfinite(self.cost[i]), "strategies_forbidden")
-
-    def memory_constraints(self):
-        """[(memory-relevant nodes live in segment k, b_k)] for the binding
-        segments, minus those implied by another: segment k is implied by j when
-        every node of k is live at j (j lies in the common window of k's
-        intervals) and b_j <= b_k (ties: lower index wins), as coefficients
-        a_i >= 0.  Returns (constraints, number of binding segments)."""
-        if self.limit is None:
-            return [], 0
-        bvec, maxa, _ = self.mem_state()
-        live = [[] for _ in range(self.nseg)]
-        for i in self.nodes():
-            a, b = self.seg[i]
-            if a < b and self.use[i].max() > self.use[i].min():
-                for k in range(a, b):
-                    live[k].append(i)
-        binding = np.flatnonzero(maxa > bvec)
-        cons = []
-        for k in binding:
-            lo = max(self.seg[i][0] for i in live[k])
-            hi = min(self.seg[i][1] for i in live[k])
-            j = lo + int(np.argmin(bvec[lo:hi]))
-            if (bvec[j], j) < (bvec[k], k):
-                continue
-            cons.append((live[k], float(bvec[k])))
-        return cons, len(binding)
 
     def lower_bound(self):
         """const + sum of node minima: valid once edges are normalized (residual >= 0)."""
@@ -384,127 +462,154 @@ class Work:
         return x
 
 
-def local_search(work, start=None, t_cap=None, passes=60):
-    """Memory-respecting greedy start + coordinate descent + edge pair moves on
-    the graph left in ``work``.  Moves are ranked by (number of forbidden pairs,
-    cost).  Returns {node: original strategy} or None when forbidden pairs
-    remain.  Deterministic unless ``t_cap`` (seconds) cuts it short."""
+def local_search(work, start=None, t_cap=None, iters=400, seed=0, max_stall=60):
+    """Block coordinate descent on the graph left in ``work``: each move picks a
+    random induced forest of the graph, fixes every other node, and re-optimises
+    the forest exactly by dynamic programming (so chains and trees of nodes
+    switch together; single-node and edge moves are special cases).  Memory
+    enters the DP through Lagrangian prices on the constraints it would break,
+    raised until the move fits or is given up.  Moves are accepted when they
+    lower (memory overflow, cost) lexicographically; forbidden pairs are never
+    chosen when avoidable.  Returns {node: original strategy} for a solution
+    that is memory feasible and avoids forbidden pairs, or None.  Deterministic
+    for a seed unless ``t_cap`` (seconds) stops it early."""
     t0 = time.perf_counter()
     nodes = work.nodes()
     if not nodes:
         return {}
+    rng = np.random.default_rng(seed)
     pos = {i: p for p, i in enumerate(nodes)}
     P = len(nodes)
     cost = [work.cost[i] for i in nodes]
     nbr = [dict() for _ in range(P)]
+    elist = []
     for eid, (u, v) in work.ends.items():
         m = work.emat[eid]
-        nbr[pos[u]][pos[v]] = (m, np.isinf(m), np.where(np.isinf(m), 0.0, m))
-        nbr[pos[v]][pos[u]] = (m.T, np.isinf(m).T, np.where(np.isinf(m), 0.0, m).T)
+        nbr[pos[u]][pos[v]] = m
+        nbr[pos[v]][pos[u]] = m.T
+        elist.append((pos[u], pos[v], m))
     cons, _ = work.memory_constraints()
-    a = [work.use[i] - work.use[i].min() for i in nodes]
-    ncons = [set() for _ in range(P)]
-    for c, (members, _) in enumerate(cons):
-        for i in members:
-            ncons[pos[i]].add(c)
+    nc = len(cons)
     bvec = np.array([b for _, b in cons], dtype=np.float64)
-    used = np.zeros(len(cons))
-    x = [-1] * P
+    coef = [np.zeros((len(c), nc)) for c in cost]  # usage of each strategy per constraint
+    for c, (terms, _) in enumerate(cons):
+        for i, a in terms.items():
+            coef[pos[i]][:, c] = a
+    lam = np.zeros(nc)
+    scale = np.ones(nc)
+    for c in range(nc):
+        mx = max((coef[p][:, c].max() for p in range(P)), default=0.0)
+        scale[c] = mx if mx > 0 else 1.0
+    x = np.full(P, -1)
 
-    def local(p, skip=-1):
-        viol = np.zeros(len(cost[p]))
-        loc = cost[p].copy()
-        for q, (m, bad, fin) in nbr[p].items():
-            if q == skip:
+    def unary(p, ins):
+        u = cost[p].copy()
+        for q, m in nbr[p].items():
+            if not ins[q]:
+                u += m[:, x[q]] if x[q] >= 0 else m.min(axis=1)
+        if nc:
+            u += coef[p] @ lam
+        return u
+
+    def score(xx):
+        total = sum(cost[p][xx[p]] for p in range(P)) + sum(m[xx[p], xx[q]] for p, q, m in elist)
+        over = 0.0
+        if nc:
+            used = sum(coef[p][xx[p]] for p in range(P))
+            over = float(np.maximum(used - bvec, 0.0).sum())
+        return over, total
+
+    def violated(xx):
+        used = sum(coef[p][xx[p]] for p in range(P))
+        return used > bvec
+
+    def forest(order):
+        ins = np.zeros(P, bool)
+        parent = list(range(P))
+
+        def find(a):
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+        for p in order:
+            roots = [find(q) for q in nbr[p] if ins[q]]
+            if len(roots) != len(set(roots)):
                 continue
-            if x[q] < 0:  # unassigned neighbour: optimistic row minimum
-                loc += np.where(bad, INF, m).min(axis=1)
-            else:
-                viol += bad[:, x[q]]
-                loc += fin[:, x[q]]
-        return viol, loc
+            ins[p] = True
+            for r in roots:
+                parent[r] = p
+        trees, seen = [], np.zeros(P, bool)
+        for r in order:
+            if ins[r] and not seen[r]:
+                seen[r] = True
+                tree, k = [(r, -1)], 0
+                while k < len(tree):
+                    p = tree[k][0]
+                    k += 1
+                    for q in nbr[p]:
+                        if ins[q] and not seen[q]:
+                            seen[q] = True
+                            tree.append((q, p))
+                trees.append(tree)
+        return ins, trees
 
-    def room(p):
-        ok = np.ones(len(cost[p]), bool)
-        cur = a[p][x[p]] if x[p] >= 0 else 0.0
-        for c in ncons[p]:
-            ok &= a[p] <= bvec[c] - used[c] + cur
-        return ok
-
-    def move(p, s):
-        if x[p] >= 0:
-            for c in ncons[p]:
-                used[c] -= a[p][x[p]]
-        x[p] = int(s)
-        for c in ncons[p]:
-            used[c] += a[p][s]
-
-    def pick(viol, loc, ok):
-        viol = np.where(ok, viol, INF)
-        best = viol.min()
-        return int(np.argmin(np.where(viol == best, loc, INF)))
+    def dp(ins, trees):
+        xx = x.copy()
+        for tree in trees:
+            u = {p: unary(p, ins) for p, _ in tree}
+            arg = {}
+            for p, par in reversed(tree[1:]):
+                t = nbr[par][p] + u[p][None, :]
+                a = np.argmin(t, axis=1)
+                arg[p] = a
+                u[par] = u[par] + t[np.arange(len(a)), a]
+            r = tree[0][0]
+            if not np.isfinite(u[r]).any():
+                return None
+            xx[r] = int(np.argmin(u[r]))
+            for p, par in tree[1:]:
+                xx[p] = arg[p][xx[par]]
+        return xx
 
     if start is not None:
         for p, i in enumerate(nodes):
             s = np.searchsorted(work.strat[i], start.get(i, -1))
-            if s < len(work.strat[i]) and work.strat[i][s] == start.get(i, -1) and room(p)[s]:
-                move(p, s)
-    # greedy for the rest, breadth first from the best-connected nodes
-    order, seen = [], set()
-    for r in sorted(range(P), key=lambda p: -len(nbr[p])):
-        if r in seen:
-            continue
-        seen.add(r)
-        queue = [r]
-        while queue:
-            p = queue.pop(0)
-            order.append(p)
-            for q in sorted(nbr[p], key=lambda q: -len(nbr[q])):
-                if q not in seen:
-                    seen.add(q)
-                    queue.append(q)
-    for p in order:
+            if s < len(work.strat[i]) and work.strat[i][s] == start.get(i, -1):
+                x[p] = s
+    ins, trees = forest(sorted(range(P), key=lambda p: -len(nbr[p])))
+    if (x < 0).any():
+        ins = ins & (x < 0)
+        _, trees = forest([p for p in sorted(range(P), key=lambda p: -len(nbr[p])) if x[p] < 0])
+        xx = dp(ins, trees)
+        if xx is not None:
+            x = xx
+    for p in range(P):  # whatever the forest missed: cheapest given the rest
         if x[p] < 0:
-            move(p, pick(*local(p), room(p)))
-    key = lambda v, l: (v, l)
-    for _ in range(passes):
-        improved = False
-        for p in order:
-            viol, loc = local(p)
-            s = pick(viol, loc, room(p))
-            if key(viol[s], loc[s]) < key(viol[x[p]], loc[x[p]] - 1e-9 * abs(loc[x[p]])):
-                move(p, s)
-                improved = True
-        for p in order:
-            for q, (m, bad, fin) in nbr[p].items():
-                if q < p:
-                    continue
-                vp, lp = local(p, q)
-                vq, lq = local(q, p)
-                vv = vp[:, None] + vq[None, :] + bad
-                ll = lp[:, None] + lq[None, :] + fin
-                ok = np.ones(m.shape, bool)
-                for c in ncons[p] | ncons[q]:
-                    base = used[c]
-                    add = np.zeros(m.shape)
-                    if c in ncons[p]:
-                        base -= a[p][x[p]]
-                        add += a[p][:, None]
-                    if c in ncons[q]:
-                        base -= a[q][x[q]]
-                        add += a[q][None, :]
-                    ok &= base + add <= bvec[c]
-                vv = np.where(ok, vv, INF)
-                best = vv.min()
-                flat = int(np.argmin(np.where(vv == best, ll, INF)))
-                s, t = divmod(flat, m.shape[1])
-                cur = (vv[x[p], x[q]], ll[x[p], x[q]])
-                if key(vv[s, t], ll[s, t]) < key(cur[0], cur[1] - 1e-9 * abs(cur[1])):
-                    move(p, s)
-                    move(q, t)
-                    improved = True
-        if not improved or (t_cap is not None and time.perf_counter() - t0 > t_cap):
+            x[p] = int(np.argmin(unary(p, np.zeros(P, bool))))
+    cur = score(x)
+    stall = 0
+    for it in range(iters):
+        if t_cap is not None and time.perf_counter() - t0 > t_cap:
             break
-    if any(local(p)[0][x[p]] for p in range(P)):
+        ins, trees = forest(rng.permutation(P))
+        improved = False
+        for attempt in range(6):
+            xx = dp(ins, trees)
+            if xx is None:
+                break
+            new = score(xx)
+            if new[0] < cur[0] - 1e-9 or (new[0] <= cur[0] + 1e-9 and new[1] < cur[1] - 1e-9 * abs(cur[1])):
+                x, cur, improved = xx, new, True
+                break
+            if new[0] <= 1e-9 or not nc:
+                break
+            bad = violated(xx)
+            lam[bad] = np.maximum(2 * lam[bad], abs(cur[1]) / (len(cons) * scale[bad]) * 1e-3)
+        lam *= 0.9
+        stall = 0 if improved else stall + 1
+        if stall > max_stall:
+            break
+    if cur[0] > 1e-9 or not np.isfinite(cur[1]):
         return None
     return {i: int(work.strat[i][x[p]]) for p, i in enumerate(nodes)}

@@ -1,0 +1,267 @@
+"""Tests of the sharding ILP core (einpart.passes.shard.ilp), its exact graph
+reductions and the IOPDDL reader."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from einpart.passes.shard.ilp import Solution, StrategyGraph, evaluate, peak_usage, solve
+from einpart.passes.shard.iopddl import load_iopddl, solve_iopddl_main
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "iopddl"
+F = 1e15  # forbidden
+
+
+def chain(limit=None):
+    """a - b - c; each node: strategy 0 replicated (cheap, big), 1 sharded."""
+    return StrategyGraph(
+        node_costs=[np.array([1.0, 5.0]), np.array([2.0, 3.0]), np.array([1.0, 4.0])],
+        node_usages=[np.array([10.0, 2.0]), np.array([10.0, 2.0]), np.array([10.0, 2.0])],
+        intervals=[(0, 2), (1, 3), (2, 4)],
+        edges=[(0, 1), (1, 2)],
+        edge_costs=[np.array([[0.0, 7.0], [7.0, 0.0]]), np.array([[0.0, 6.0], [6.0, 0.0]])],
+        usage_limit=limit,
+    )
+
+
+def brute(g):
+    best, arg = np.inf, None
+    for x in itertools.product(*[range(len(c)) for c in g.node_costs]):
+        v = evaluate(g, x)
+        if v < best and (g.usage_limit is None or peak_usage(g, x) <= g.usage_limit):
+            best, arg = v, list(x)
+    return best, arg
+
+
+def test_tiny_chain_known_optimum():
+    sol = solve(chain(), time_limit=5)
+    assert isinstance(sol, Solution)
+    assert sol.status == "optimal"
+    assert sol.assignment == [0, 0, 0]
+    assert sol.objective == 4.0 == evaluate(chain(), sol.assignment)
+    assert sol.bound == 4.0 and sol.gap == 0.0
+
+
+def test_memory_limit_changes_optimum():
+    # two replicated nodes live together (20) overflow 12; replicated + sharded (12) fit
+    g = chain(limit=12.0)
+    sol = solve(g, time_limit=5)
+    assert sol.status == "optimal"
+    assert sol.assignment == [1, 1, 1]  # 5+3+4; any mix pays 7 or 6 of resharding
+    assert sol.objective == brute(g)[0] == 12.0
+    assert peak_usage(g, sol.assignment) <= 12.0
+
+
+def test_memory_limit_mixed_optimum():
+    g = chain(limit=12.0)
+    g.edge_costs = [np.array([[0.0, 1.0], [1.0, 0.0]])] * 2  # cheap resharding: mixing wins
+    sol = solve(g, time_limit=5)
+    assert sol.status == "optimal"
+    assert sol.assignment == [0, 1, 0] and sol.objective == brute(g)[0] == 1 + 3 + 1 + 1 + 1
+    assert solve(chain(limit=20.0), time_limit=5).objective == 4.0  # limit not binding
+
+
+def test_infeasible_limit():
+    sol = solve(chain(limit=3.0), time_limit=5)  # two sharded live nodes need 4
+    assert sol.status == "infeasible"
+    assert sol.assignment == [] and sol.objective == float("inf")
+    sol = solve(chain(limit=3.0), time_limit=5, reductions=False)
+    assert sol.status == "infeasible"
+
+
+def test_forbidden_costs_honoured():
+    g = chain()
+    g.node_costs[0] = np.array([F, 5.0])          # a must shard
+    g.edge_costs[1] = np.array([[0.0, F], [F, 0.0]])  # b and c must agree
+    for red in (True, False):
+        sol = solve(g, time_limit=5, reductions=red)
+        assert sol.status == "optimal"
+        assert sol.objective == brute(g)[0]
+        assert g.node_costs[0][sol.assignment[0]] < F
+        assert sol.assignment[1] == sol.assignment[2]
+
+
+def test_all_forbidden_is_infeasible():
+    g = chain()
+    g.edge_costs[0] = np.full((2, 2), F)
+    assert solve(g, time_limit=5).status == "infeasible"
+    assert solve(g, time_limit=5, reductions=False).status == "infeasible"
+
+
+def test_evaluate_and_peak_usage():
+    g = chain()
+    assert evaluate(g, [0, 1, 0]) == 1 + 3 + 1 + 7 + 6
+    assert peak_usage(g, [0, 0, 0]) == 20.0  # half-open intervals: at most two live at once
+    g.node_costs[1] = np.array([2.0, F])
+    assert evaluate(g, [0, 1, 0]) == float("inf")
+
+
+def random_graph(seed, n=8, kmax=4, pe=0.35, pfun=0.2, pforb=0.05):
+    rng = np.random.default_rng(seed)
+    ks = rng.integers(1, kmax + 1, n)
+    costs = [np.where(rng.random(k) < 0.04, F, rng.integers(0, 20, k)).astype(float) for k in ks]
+    usages = [rng.integers(1, 10, k).astype(float) for k in ks]
+    intervals = []
+    for _ in range(n):
+        s = int(rng.integers(0, 8))
+        intervals.append((s, s + int(rng.integers(0, 5))))
+    edges, ecosts = [], []
+    for u in range(n):
+        for v in range(u + 1, n):
+            if rng.random() < pe:
+                m = rng.integers(0, 30, (ks[u], ks[v])).astype(float)
+                if rng.random() < pfun:  # functional edge: each row allows one column
+                    m = np.full(m.shape, F)
+                    m[np.arange(ks[u]), rng.integers(0, ks[v], ks[u])] = rng.integers(0, 5, ks[u])
+                m[rng.random(m.shape) < pforb] = F
+                edges.append((u, v))
+                ecosts.append(m)
+    g = StrategyGraph(costs, usages, intervals, edges, ecosts, None)
+    if seed % 4:
+        lo = peak_usage(g, [int(np.argmin(u)) for u in usages])
+        hi = peak_usage(g, [int(np.argmax(u)) for u in usages])
+        g.usage_limit = float(lo + (hi - lo) * rng.random() * 0.7)
+    return g
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_reductions_are_exact(seed):
+    g = random_graph(seed)
+    reduced = solve(g, time_limit=10, reductions=True)
+    plain = solve(g, time_limit=10, reductions=False)
+    best, _ = brute(g)
+    if np.isinf(best):
+        assert reduced.status == plain.status == "infeasible"
+        return
+    assert reduced.status == plain.status == "optimal"
+    assert reduced.objective == plain.objective == best
+    assert evaluate(g, reduced.assignment) == reduced.objective
+    if g.usage_limit is not None:
+        assert peak_usage(g, reduced.assignment) <= g.usage_limit
+
+
+def test_float_costs_and_hint():
+    g = random_graph(3)
+    g.node_costs = [c * 0.37 for c in g.node_costs]
+    g.edge_costs = [m * 0.37 for m in g.edge_costs]
+    best, arg = brute(g)
+    sol = solve(g, time_limit=10, hint=arg)
+    assert sol.status == "optimal"
+    assert abs(sol.objective - best) <= 1e-9 * max(1.0, best)
+    assert sol.objective == evaluate(g, sol.assignment)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 9, 26])
+def test_reductions_exact_on_larger_graphs(seed):
+    g = random_graph(seed, n=18, kmax=5, pe=0.25, pfun=0.05, pforb=0.02)  # CP-SAT gets real work
+    reduced = solve(g, time_limit=20, reductions=True)
+    plain = solve(g, time_limit=20, reductions=False)
+    assert reduced.status == plain.status
+    if plain.status == "optimal":
+        assert reduced.objective == plain.objective == evaluate(g, reduced.assignment)
+
+
+def test_deterministic_mode_repeats():
+    g = random_graph(9, n=12)
+    a = solve(g, time_limit=2, deterministic=True, seed=3)
+    b = solve(g, time_limit=2, deterministic=True, seed=3)
+    assert a.assignment == b.assignment and a.objective == b.objective
+
+
+def test_stats_record_reductions():
+    sol = solve(random_graph(9, n=12), time_limit=5)
+    assert sol.status == "optimal"
+    st = sol.stats
+    assert st["before"]["nodes"] == 12
+    assert st["after"]["nodes"] <= st["before"]["nodes"]
+    assert isinstance(st["removed"], dict) and "reduce" in st["time_s"]
+
+
+# ---- IOPDDL ------------------------------------------------------------------------
+
+needs_data = pytest.mark.skipif(not (DATA / "B.json.gz").exists(), reason="shared/iopddl not present")
+
+
+@needs_data
+def test_iopddl_B_reader_and_short_solve():
+    g = load_iopddl(DATA / "B.json.gz")
+    assert len(g.node_costs) == 816 and len(g.edges) == 1096
+    assert g.usage_limit == 14392528
+    sol = solve(g, time_limit=5)
+    assert sol.status in ("feasible", "optimal")
+    assert len(sol.assignment) == 816
+    assert evaluate(g, sol.assignment) == sol.objective < 1e15
+    assert peak_usage(g, sol.assignment) <= g.usage_limit
+    assert sol.bound <= sol.objective
+
+
+def write(tmp_path, name, data, compress=False):
+    p = tmp_path / name
+    raw = json.dumps(data).encode() if not isinstance(data, bytes) else data
+    p.write_bytes(gzip.compress(raw) if compress else raw)
+    return p
+
+
+def tiny_problem():
+    return {"problem": {"name": "tiny",
+                        "nodes": {"intervals": [[0, 2], [1, 3]], "costs": [[1, 5], [2, 3, 9]],
+                                  "usages": [[10, 2], [10, 2, 1]]},
+                        "edges": {"nodes": [[0, 1]], "costs": [[0, 7, 1, 7, 0, 1]]},
+                        "usage_limit": 12}}
+
+
+def test_solve_iopddl_main_ok(tmp_path, capsys):
+    p = write(tmp_path, "tiny.json.gz", tiny_problem(), compress=True)
+    assert solve_iopddl_main(str(p), time_limit=5) == 0
+    out = capsys.readouterr().out
+    assert "cost: 8" in out and "status: optimal" in out and "gap: 0.00%" in out
+
+
+def test_malformed_truncated_gzip(tmp_path, capsys):
+    raw = gzip.compress(json.dumps(tiny_problem()).encode())
+    p = write(tmp_path, "cut.json.gz", raw[: len(raw) // 2])
+    assert solve_iopddl_main(str(p), time_limit=1) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {p}: not a valid gzip file "
+                   "(Compressed file ended before the end-of-stream marker was reached)\n")
+
+
+def test_malformed_invalid_json(tmp_path, capsys):
+    p = write(tmp_path, "bad.json", b'{"problem": {"nodes": ')
+    assert solve_iopddl_main(str(p), time_limit=1) == 1
+    assert capsys.readouterr().err == (f"error: {p}: not valid JSON "
+                                       "(Expecting value: line 1 column 23 (char 22))\n")
+
+
+def test_malformed_matrix_size(tmp_path, capsys):
+    d = tiny_problem()
+    d["problem"]["edges"]["costs"][0] = [0, 7, 1, 7, 0]
+    p = write(tmp_path, "size.json", d)
+    assert solve_iopddl_main(str(p), time_limit=1) == 1
+    assert capsys.readouterr().err == (f"error: {p}: problem.edges.costs[0] has 5 entries, expected 2x3=6 "
+                                       "(edge 0 joins node 0 and node 1)\n")
+
+
+def test_malformed_missing_field_and_usages(tmp_path, capsys):
+    d = tiny_problem()
+    del d["problem"]["nodes"]["usages"]
+    p = write(tmp_path, "missing.json", d)
+    assert solve_iopddl_main(str(p), time_limit=1) == 1
+    assert capsys.readouterr().err == f"error: {p}: missing field problem.nodes.usages\n"
+    d = tiny_problem()
+    d["problem"]["nodes"]["usages"][1] = [10, 2]
+    p = write(tmp_path, "usages.json", d)
+    assert solve_iopddl_main(str(p), time_limit=1) == 1
+    assert capsys.readouterr().err == (f"error: {p}: problem.nodes.usages[1] has 2 entries, expected 3 "
+                                       "(one per strategy of node 1)\n")
+
+
+def test_unreadable_file(tmp_path, capsys):
+    p = tmp_path / "nope.json"
+    assert solve_iopddl_main(str(p), time_limit=1) == 1
+    assert capsys.readouterr().err == f"error: {p}: cannot read file: No such file or directory\n"
