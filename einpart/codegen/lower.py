@@ -293,7 +293,7 @@ class _Program:
         else:
             axes = g.expr_indices(op.expr)
             masks = {}
-            for leaf in _leaves(op.expr):
+            for leaf in g.expr_leaves(op.expr):
                 if isinstance(leaf, g.Causal) and (leaf.t, leaf.s) not in masks:
                     masks[(leaf.t, leaf.s)] = self.causal(leaf, split)
             code = self.expr(op.expr, axes, ops, masks)
@@ -608,16 +608,6 @@ def split_prepare(graph: g.Graph) -> tuple[g.Graph, tuple[str, ...]]:
 
     order = tuple(s.name for s, _ in graph.all_stmts() if s.name in prepared and s.name in read)
     return verify(g.map_blocks(step, drop)), order
-
-
-def _leaves(e):
-    if isinstance(e, g.Unary):
-        yield from _leaves(e.x)
-    elif isinstance(e, g.Binary):
-        yield from _leaves(e.lhs)
-        yield from _leaves(e.rhs)
-    else:
-        yield e
 
 
 # ------------------------------------------------------------------ the module

@@ -23,19 +23,9 @@ def param_only(graph: g.Graph) -> set[str]:
                 continue
             if isinstance(s.op, g.Take) or isinstance(s.op, g.Rope):
                 continue  # these depend on positions / token ids
-            if isinstance(s.op, g.Compute) and _has_causal(s.op.expr):
+            if isinstance(s.op, g.Compute) and g.has_causal(s.op.expr):
                 continue
             if stmt_inputs(s) <= known:
                 known.add(s.name)
                 changed = True
     return known - params
-
-
-def _has_causal(e) -> bool:
-    if isinstance(e, g.Causal):
-        return True
-    if isinstance(e, g.Unary):
-        return _has_causal(e.x)
-    if isinstance(e, g.Binary):
-        return _has_causal(e.lhs) or _has_causal(e.rhs)
-    return False

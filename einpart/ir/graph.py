@@ -202,6 +202,22 @@ def expr_refs(e: Expr) -> Iterator[Ref]:
         yield from expr_refs(e.rhs)
 
 
+def expr_leaves(e: Expr) -> Iterator[Expr]:
+    """The leaves of an expression: refs, constants, size values, causal masks."""
+    if isinstance(e, Unary):
+        yield from expr_leaves(e.x)
+    elif isinstance(e, Binary):
+        yield from expr_leaves(e.lhs)
+        yield from expr_leaves(e.rhs)
+    else:
+        yield e
+
+
+def has_causal(e: Expr) -> bool:
+    """Whether an expression depends on positions through causal(t, s)."""
+    return any(isinstance(x, Causal) for x in expr_leaves(e))
+
+
 def expr_indices(e: Expr) -> tuple[str, ...]:
     """Indices an expression ranges over, in first-seen order."""
     seen: dict[str, None] = {}

@@ -190,7 +190,7 @@ class _Verifier:
     def check_compute(self, s, op: g.Compute, scope, out: set) -> g.Compute:
         for ref in g.expr_refs(op.expr):
             self.require_float(ref, self.check_ref(ref, scope, s), s)
-        for leaf in _leaves(op.expr):
+        for leaf in g.expr_leaves(op.expr):
             if isinstance(leaf, g.Causal):
                 for idx in (leaf.t, leaf.s):
                     if idx not in self.index_size:
@@ -319,16 +319,6 @@ class _Verifier:
             if name not in top_names:
                 self.err(f"output '{name}' must be defined at the top level", span)
         return self.graph.with_body(top)
-
-
-def _leaves(e):
-    if isinstance(e, g.Unary):
-        yield from _leaves(e.x)
-    elif isinstance(e, g.Binary):
-        yield from _leaves(e.lhs)
-        yield from _leaves(e.rhs)
-    else:
-        yield e
 
 
 def stmt_inputs(s: g.Statement) -> set[str]:

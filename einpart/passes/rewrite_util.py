@@ -59,16 +59,6 @@ def product(factors, start: g.Expr | None = None) -> g.Expr | None:
     return out
 
 
-def has_causal(e: g.Expr) -> bool:
-    if isinstance(e, g.Causal):
-        return True
-    if isinstance(e, g.Unary):
-        return has_causal(e.x)
-    if isinstance(e, g.Binary):
-        return has_causal(e.lhs) or has_causal(e.rhs)
-    return False
-
-
 def is_contraction(s: g.Statement) -> bool:
     """A sum over a pure product of tensor reads (constants allowed): an einsum."""
     if not isinstance(s.op, g.Compute) or s.op.reduce != "sum":
@@ -134,7 +124,7 @@ class GraphInfo:
 
     def is_weight_expr(self, e: g.Expr) -> bool:
         """Computed from parameters alone (so it can be prepared at load time)."""
-        return not has_causal(e) and all(r.name in self.weights for r in g.expr_refs(e))
+        return not g.has_causal(e) and all(r.name in self.weights for r in g.expr_refs(e))
 
     def step_readers(self, name: str) -> list[str]:
         """Statements that read `name` every step (not weight preparation)."""
