@@ -25,3 +25,15 @@ def test_lazy_names_resolve_and_import_einpart_does_not_load_jax():
             "from einpart.runtime.executable import Executable; assert einpart.Executable is Executable")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_readme_library_example_runs(monkeypatch, capsys):
+    """The Python block under 'As a library' in README.md, run as written."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    block = text.split("## As a library", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(root)
+    exec(compile(block, "README.md", "exec"), {})  # the README's own example, nothing else
+    out = capsys.readouterr().out
+    assert "def decode(" in out and "jax.shard_map" in out
