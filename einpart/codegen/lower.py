@@ -32,7 +32,8 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import EinpartError
 from ..ir import graph as g
-from ..ir.layout import parts, plan_stmt, ref_layout, reshard, stmt_split, type_layout
+from ..ir.layout import (collective_groups, merged_schedule, parts, plan_stmt, ref_layout, reshard,
+                         stmt_split, type_layout)
 from ..ir.model import step_axes
 from ..ir.printer import format_attrs, format_op, format_type
 from ..ir.analysis import param_only
@@ -120,6 +121,9 @@ class _Program:
         self.w = Writer()
         self.vals: dict[str, Val] = {}
         self.next_state: dict[str, str] = {}
+        self.merge = True                   # step programs merge reductions (layout.collective_groups)
+        self.grouped: set = set()           # members of the block's merged groups
+        self.partial: dict = {}             # member -> (local partial variable, what finishes it)
         for d, _ in graph.all_decls():  # tensor variables first: stable names
             self.ns.tensor(d.name)
             if _ is not None:
@@ -216,6 +220,34 @@ class _Program:
     def f32(self, code: str, dtype: str) -> str:
         return f"{code}.astype(F32)" if dtype in LOW else code
 
+    def reduced(self, s, var: str, comm, out: tuple, tail) -> None:
+        """The reduction then `tail` (what finishes the statement), or, for a member
+        of a merged group, both kept until the group's one collective runs."""
+        if s.name in self.grouped:
+            self.partial[s.name] = (var, tail)
+            return
+        self.reduce(var, comm, out)
+        tail()
+
+    def block(self, stmts) -> None:
+        """A block's statements, in layout.merged_schedule order: reductions that
+        layout.collective_groups merges run as one collective on a tuple."""
+        comms = {st.name: plan_stmt(st, self.types, stmt_split(st)) for st in stmts
+                 if not isinstance(st.op, g.Repeat)}
+        groups = collective_groups(stmts, comms) if self.merge else []
+        self.grouped |= {m for gr in groups for m in gr.members}
+        for kind, item in merged_schedule(stmts, groups):
+            if kind == "stmt":
+                self.stmt(item)
+                continue
+            parts_ = [self.partial.pop(m) for m in item.members]
+            names = ", ".join(v for v, _ in parts_)
+            fn = {"psum": "lax.psum", "pmax": "lax.pmax"}[item.kind]
+            self.w(f"# one {item.kind} for {_comment(', '.join(item.members))}")
+            self.w(f"{names} = {fn}(({names}), {axes_code(item.axes)})")
+            for _, tail in parts_:
+                tail()
+
     def reduce(self, var: str, comm, out: tuple) -> None:
         for c in comm.reduce:
             if c.kind == "psum":
@@ -307,14 +339,16 @@ class _Program:
                 code = f"{fn}({code}, axis={_tuple(red)})"
                 axes = tuple(i for i in axes if i in out)
             self.w(f"{var} = {self.transpose(code, axes, out)}")
-        self.reduce(var, comm, out)
-        if op.reduce == "mean":
-            count = 1
-            for i in g.expr_indices(op.expr):
-                if i not in out:
-                    count *= self.idx[i]
-            self.w(f"{var} = {var} / {number(count)}")
-        self.finish(s, var, comm)
+
+        def tail():
+            if op.reduce == "mean":
+                count = 1
+                for i in g.expr_indices(op.expr):
+                    if i not in out:
+                        count *= self.idx[i]
+                self.w(f"{var} = {var} / {number(count)}")
+            self.finish(s, var, comm)
+        self.reduced(s, var, comm, out, tail)
 
     def causal(self, leaf: g.Causal, split) -> str:
         mask = self.ns.fresh(f"mask_{leaf.t}_{leaf.s}")
@@ -377,8 +411,7 @@ class _Program:
             self.w(f"{var} = jnp.where({self.align(hit, ids_axes, have)}, {var}, 0)")
         if have != out:
             self.w(f"{var} = {self.transpose(var, have, out)}")
-        self.reduce(var, comm, out)
-        self.finish(s, var, comm, table.dtype)
+        self.reduced(s, var, comm, out, lambda: self.finish(s, var, comm, table.dtype))
 
     def write(self, s, op: g.Write, comm, split) -> None:
         ops = self.operands(comm)
@@ -459,8 +492,7 @@ class _Program:
         for d, name in zip(decls, names):
             self.vals[d.name] = self.load(d, name)
         self.vals[op.carry] = Val(carry, s.type.indices, carry_layout, s.type.dtype)
-        for st in op.body.stmts:
-            self.stmt(st)
+        self.block(op.body.stmts)
         res = self.vals[op.result]
         res_layout = positional_layout(self.types[op.result], s.type.indices)
         back = self.moves(Val(res.var, s.type.indices, res_layout, res.dtype),
@@ -512,8 +544,7 @@ class _Program:
             w(f"{var} = {src}[{literal(d.name, 'tensor name')}]  # {_comment(note)}: local {local}")
             if owner is None:
                 self.vals[d.name] = self.load(d, var)
-        for s in graph.body.stmts:
-            self.stmt(s)
+        self.block(graph.body.stmts)
         outs = ", ".join(f"{literal(n, 'tensor name')}: {self.vals[n].var}" for n in graph.outputs)
         states = [d for d, _ in graph.all_decls() if d.kind == "state"]
         nxt = ", ".join(f"{literal(d.name, 'tensor name')}: {self.next_state[d.name]}" for d in states)
@@ -529,6 +560,7 @@ class _Prepare(_Program):
 
     def __init__(self, graph: g.Graph, outputs: tuple[str, ...], layers: str):
         super().__init__(graph, "prepare", layers)
+        self.merge = False                  # run once at load time: not worth merging
         self.prepared = param_only(graph)   # computed here
         self.outputs = outputs              # handed to the step programs
 

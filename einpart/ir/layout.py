@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import graph as g
+from .verify import stmt_inputs
 
 Layout = dict  # index -> tuple of mesh axes
 
@@ -223,3 +224,103 @@ def plan_stmt(s: g.Statement, types: dict[str, g.TensorType], split: Layout) -> 
             natural = dict(natural, **{i: natural[i] + extra})
     result = tuple(reshard(natural, declared, out))
     return StmtComm(tuple(operands), tuple(reduce), result, tuple(sorted(natural.items())))
+
+
+# ------------------------------------------------------------ merged reductions
+@dataclass(frozen=True)
+class Group:
+    """Partial sums that run as one collective: `kind` (psum or pmax) over `axes`
+    of the tuple of the members' local results, in block order."""
+    kind: str
+    axes: tuple[str, ...]
+    members: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{self.kind}({','.join(self.axes)}) on ({', '.join(self.members)})"
+
+
+def merge_key(comm: StmtComm) -> tuple | None:
+    """(kind, axes) of a statement's reduction when it is one psum or pmax (the
+    collectives a tuple can share), else None."""
+    if len(comm.reduce) == 1 and comm.reduce[0].kind in ("psum", "pmax"):
+        return comm.reduce[0].kind, comm.reduce[0].axes
+    return None
+
+
+def collective_groups(stmts, comms: dict, exclude=frozenset()) -> list[Group]:
+    """Which reductions of one block run together as one collective.
+
+    The rule: a statement whose reduction is one psum (or pmax) over axes A
+    joins an earlier group of the same kind over A unless its local
+    computation needs, directly or through other statements, a value that
+    only exists after that group's collective (a member's finished result,
+    or the result of a statement that needs such a group first). Joining
+    postpones the group's collective to the new member, so everything that
+    reads a member waits for it; the check on the groups a group already
+    waits for keeps that schedule free of cycles. After defer-norm this
+    merges a norm statistic with the matmul it scales (RMSNorm `ms` and
+    `x . gW`), a softmax's exp-sum with `e . v`, and independent branches
+    such as PaLM's parallel attention and MLP outputs.
+
+    `comms`: name -> StmtComm (layout.plan_stmt) of the block's statements;
+    `exclude`: statements never merged (weight preparation). Returns only
+    groups of two or more, members in block order.
+    """
+    done_needs: dict[str, frozenset] = {}   # groups that must have run before a value exists
+    waits: list[set] = []                   # per group: groups its collective waits for (closed)
+    keys: list[tuple] = []
+    members: list[list] = []
+    for s in stmts:
+        need: set = set()
+        for r in stmt_inputs(s):
+            need |= done_needs.get(r, frozenset())
+        for gid in list(need):
+            need |= waits[gid]
+        comm = comms.get(s.name)
+        key = merge_key(comm) if comm is not None and s.name not in exclude else None
+        if key is None:
+            done_needs[s.name] = frozenset(need)
+            continue
+        gid = next((j for j, k in enumerate(keys) if k == key and j not in need), None)
+        if gid is None:
+            gid = len(keys)
+            keys.append(key)
+            members.append([])
+            waits.append(set())
+        members[gid].append(s.name)
+        waits[gid] |= need
+        for other in waits:                  # groups waiting for this one now wait for `need` too
+            if gid in other:
+                other |= need
+        done_needs[s.name] = frozenset(need | {gid})
+    return [Group(k[0], k[1], tuple(m)) for k, m in zip(keys, members) if len(m) > 1]
+
+
+def merged_schedule(stmts, groups: list[Group]) -> list:
+    """The run order of a block with merged reductions: ("stmt", s) runs a
+    statement (a group member only up to its local partial result),
+    ("group", Group) runs the shared collective and finishes its members.
+    Topological, and otherwise as close to block order as it can be."""
+    pos = {s.name: n for n, s in enumerate(stmts)}
+    group_of = {m: gr for gr in groups for m in gr.members}
+    items = [("stmt", s) for s in stmts] + [("group", gr) for gr in groups]
+
+    def deps(item) -> set:
+        if item[0] == "group":
+            return {("stmt", m) for m in item[1].members}
+        out = set()
+        for r in stmt_inputs(item[1]):
+            if r in pos:
+                out.add(("group", group_of[r].members) if r in group_of else ("stmt", r))
+        return out
+
+    key = {("stmt", s.name) if k == "stmt" else ("group", s.members): (k, s) for k, s in items}
+    rank = {k: (max(pos[m] for m in v[1].members) + 0.5 if v[0] == "group" else pos[v[1].name])
+            for k, v in key.items()}
+    need = {k: deps(v) for k, v in key.items()}
+    out, done = [], set()
+    while len(out) < len(key):
+        ready = min((k for k in key if k not in done and need[k] <= done), key=lambda k: rank[k])
+        done.add(ready)
+        out.append(key[ready])
+    return out

@@ -27,6 +27,10 @@ B*L*E activations over all n chips is 2(n-1)/n * BLE / bw ~ 2BLE/bw.
 
 The collectives priced here are exactly those einpart.ir.layout derives for
 codegen (`plan_stmt`, `reshard`), so the prediction matches what runs.
+Reductions that layout.collective_groups merges into one collective on a
+tuple are priced as one: their bytes add, one fixed term (report.py). The
+strategy graph (stmt_strategies) prices every reduction on its own, an
+upper bound on the merged program.
 """
 from __future__ import annotations
 
@@ -121,12 +125,21 @@ def price_moves(moves, layout: dict, indices, sizes: dict, pricer: Pricer, items
     return total, parts
 
 
-def reduce_time(reduce, natural: dict, out_indices, sizes: dict, pricer: Pricer, itemsize: int):
-    """Seconds of a statement's psum / pmax / psum_scatter, starting from its natural layout."""
+def reduce_time(reduce, natural: dict, out_indices, sizes: dict, pricer: Pricer, itemsize: int,
+                merged: str = "", pays_latency: bool = True):
+    """Seconds of a statement's psum / pmax / psum_scatter, starting from its natural layout.
+
+    merged: the reduction runs in one collective with others (layout.collective_groups):
+    each member pays for its own bytes, and the one fixed (latency) term of the shared
+    collective is paid by the member at which it runs (pays_latency)."""
     nbytes = local_bytes(out_indices, sizes, natural, pricer.size, itemsize)
     total, parts = 0.0, []
     for c in reduce:
-        t = pricer.time(c.kind, nbytes, c.axes)
+        if merged:
+            per_byte, fixed = pricer.coef(c.kind, c.axes)
+            t = per_byte * nbytes + (fixed if pays_latency else 0.0)
+        else:
+            t = pricer.time(c.kind, nbytes, c.axes)
         total += t
         parts.append((c, t))
     return total, parts

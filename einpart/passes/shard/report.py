@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ...ir import graph as g
 from ...ir import layout as lay
+from ...ir.analysis import param_only
 from ...ir.shapes import DTYPE_BYTES, decl_shapes
 from ...ir.verify import index_sizes, resolve_sizes
 from .cost import (Pricer, compute_time, is_contraction, local_bytes, price_moves, reduce_time,
@@ -99,8 +100,9 @@ class PhaseReport:
 
 
 def stmt_cost(s: g.Statement, types: dict, sizes: dict, pricer: Pricer, hw: Hardware,
-              count: int, in_repeat: bool) -> StmtCost:
-    """Cost of one non-repeat statement under its `split` attribute and declared layout."""
+              count: int, in_repeat: bool, group: lay.Group | None = None) -> StmtCost:
+    """Cost of one non-repeat statement under its `split` attribute and declared layout;
+    `group`: the merged collective its reduction runs in (its last member pays the latency)."""
     split = lay.stmt_split(s)
     comm = lay.plan_stmt(s, types, split)
     out = s.type.indices
@@ -111,8 +113,13 @@ def stmt_cost(s: g.Statement, types: dict, sizes: dict, pricer: Pricer, hw: Hard
         parts += [(f"{c.describe()} on {ref.name}", t) for c, t in p]
     res_b = DTYPE_BYTES[s.type.dtype]
     natural = {i: tuple(split.get(i, ())) for i in out}
-    _, p = reduce_time(comm.reduce, natural, out, sizes, pricer, res_b)
-    parts += [(c.describe(), t) for c, t in p]
+    if group is None:
+        _, p = reduce_time(comm.reduce, natural, out, sizes, pricer, res_b)
+        parts += [(c.describe(), t) for c, t in p]
+    else:
+        _, p = reduce_time(comm.reduce, natural, out, sizes, pricer, res_b, group.describe(),
+                           group.members[-1] == s.name)
+        parts += [(group.describe(), t) for c, t in p]
     _, p = price_moves(comm.result, dict(comm.natural), out, sizes, pricer, res_b)
     parts += [(f"{c.describe()} on result", t) for c, t in p]
     _, flops, nbytes, _ = compute_time(s, types, sizes, split, hw, pricer.size)
@@ -208,8 +215,11 @@ def activation_peak(graph: g.Graph, idx: dict, mesh_size: dict) -> float:
                    for s, _ in graph.all_stmts())
 
 
-def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = None) -> PhaseReport:
-    """Price a single-phase annotated graph (graph.mesh, splits, layouts) on `hardware`."""
+def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = None,
+                merge: bool = True) -> PhaseReport:
+    """Price a single-phase annotated graph (graph.mesh, splits, layouts) on `hardware`;
+    merge: reductions run as codegen emits them, merged (layout.collective_groups);
+    False prices each alone, as the strategy graph does."""
     hw = load_hardware(hardware)
     mesh = graph.mesh or (("x", 1),)
     pricer = Pricer(hw, mesh)
@@ -218,7 +228,13 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
     types = graph.types()
     rep = PhaseReport(phase, math.prod(n for _, n in mesh), hw.name, peak_flops=hw.flops_bf16)
 
+    prepared = param_only(graph)
+
     def walk(block: g.Block, count: int, in_repeat: bool):
+        comms = {s.name: lay.plan_stmt(s, types, lay.stmt_split(s)) for s in block.stmts
+                 if not isinstance(s.op, g.Repeat)}
+        groups = lay.collective_groups(block.stmts, comms, prepared) if merge else []
+        group_of = {m: gr for gr in groups for m in gr.members}
         for s in block.stmts:
             if isinstance(s.op, g.Repeat):
                 parts = _carry_cost(s, types, idx, pricer)
@@ -227,7 +243,7 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
                                               sum(t for _, t in parts), 0.0, count, in_repeat))
                 walk(s.op.body, count * idx[s.op.index], True)
                 continue
-            rep.stmts.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat))
+            rep.stmts.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat, group_of.get(s.name)))
             if is_contraction(s):
                 rep.model_flops += stmt_flops(s, idx, {}, pricer.size) * count
 
