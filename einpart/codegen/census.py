@@ -41,13 +41,15 @@ def emitted(source: str, program: str) -> dict:
             "kinds": kinds}
 
 
-def priced(report) -> dict:
+def priced(report, skip=frozenset()) -> dict:
     """Collectives a PhaseReport prices: {'layer', 'outside', 'layer_comm_s'} (a merged
     group counted once; local slices are no collective; layer_comm_s: seconds of one
-    layer's collectives)."""
+    layer's collectives). skip: statements not in the step (weight preparation)."""
     seen: set = set()
     out = {"layer": 0, "outside": 0, "layer_comm_s": 0.0}
     for s in report.stmts:
+        if s.name in skip:
+            continue
         where = "layer" if s.in_repeat else "outside"
         if s.in_repeat:
             out["layer_comm_s"] += s.comm_s

@@ -129,17 +129,15 @@ def stmt_cost(s: g.Statement, types: dict, sizes: dict, pricer: Pricer, hw: Hard
                     sum(t for _, t in parts), flops, count, in_repeat)
 
 
-def _carry_cost(s: g.Statement, types, sizes, pricer) -> list:
-    """A repeat moves its carried value only where init or yield are laid out unlike it."""
-    op, parts = s.op, []
+def _carry_cost(s: g.Statement, types, sizes, pricer, src_name: str) -> list:
+    """A repeat moves its carried value only where init (once) or the yielded value
+    (every layer) is laid out unlike it."""
     want = lay.type_layout(s.type)
     item = DTYPE_BYTES[s.type.dtype]
-    for src_name in (op.init, op.result):
-        src_l = {i: a.mesh for i, a in zip(s.type.indices, types[src_name].axes)}  # positional
-        moves = lay.reshard(src_l, want, s.type.indices)
-        _, p = price_moves(moves, src_l, s.type.indices, sizes, pricer, item)
-        parts += [(f"{c.describe()} on {src_name}", t) for c, t in p]
-    return parts
+    src_l = {i: a.mesh for i, a in zip(s.type.indices, types[src_name].axes)}  # positional
+    moves = lay.reshard(src_l, want, s.type.indices)
+    _, p = price_moves(moves, src_l, s.type.indices, sizes, pricer, item)
+    return [(f"{c.describe()} on {src_name}", t) for c, t in p]
 
 
 def schedule(graph: g.Graph):
@@ -237,10 +235,11 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
         group_of = {m: gr for gr in groups for m in gr.members}
         for s in block.stmts:
             if isinstance(s.op, g.Repeat):
-                parts = _carry_cost(s, types, idx, pricer)
-                if parts:
-                    rep.stmts.append(StmtCost(s.name, {}, lay.type_layout(s.type), parts, 0.0, 0.0,
-                                              sum(t for _, t in parts), 0.0, count, in_repeat))
+                for src, n, inside in ((s.op.init, count, in_repeat), (s.op.result, count * idx[s.op.index], True)):
+                    parts = _carry_cost(s, types, idx, pricer, src)
+                    if parts:
+                        rep.stmts.append(StmtCost(s.name, {}, lay.type_layout(s.type), parts, 0.0, 0.0,
+                                                  sum(t for _, t in parts), 0.0, n, inside))
                 walk(s.op.body, count * idx[s.op.index], True)
                 continue
             rep.stmts.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat, group_of.get(s.name)))
