@@ -154,6 +154,13 @@ def test_shard_plan_lowers_and_agrees_with_its_collectives(name, before):
                 continue
             mine = [c.describe() for c in plan_stmt(s, types, stmt_split(s)).all()]
             assert mine == [str(c).split(" on ")[0] for c in comm], (phase, s.name)
+        # and the program has exactly the collectives priced (a merged group: one)
+        from einpart.codegen import census
+        from einpart.ir.analysis import param_only
+        from einpart.passes.shard.report import price_graph
+        got = census.emitted(generate_source(planned), phase)
+        want = census.priced(price_graph(pg, "cpu"), param_only(pg))
+        assert (got["layer"], got["outside"]) == (want["layer"], want["outside"]), (phase, got, want)
     ref = Reference(rewritten, params)
     state = ref.new_state(2)
     ex = Executable(planned, weights=params)
