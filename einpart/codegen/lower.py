@@ -10,7 +10,8 @@
 - `prefill(params, state, inputs, pos)` and `decode(...)`: shard_map bodies
   over local blocks, one statement of the IR after another, with exactly the
   collectives einpart.ir.layout.plan_stmt prescribes (operand moves, the
-  reduction, the result move), positions offset by the shard's place on
+  reduction, the result move; reductions layout.collective_groups merges
+  run as one psum / pmax on a tuple), positions offset by the shard's place on
   the mesh; decode is the same graph at T=1 (query splits dropped; a
   two-phase plan of the shard pass gives each program its own splits);
 - `programs(mesh)`: the three wrapped in jax.shard_map.
