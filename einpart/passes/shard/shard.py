@@ -67,7 +67,7 @@ def _phase_graph(graph: g.Graph, built: pl.Built, assign: list, ph, mesh) -> g.G
               for i, n in enumerate(built.nodes) if n.kind == "decl"}
     layout_of = {}
     for i, n in enumerate(built.nodes):
-        if n.phase == ph.name:
+        if n.phase in (ph.name, pl.PREP):      # prepared weights: one layout for every phase
             layout_of[n.tensor] = dict(zip(n.indices, built.out_layout(i, assign)))
 
     def fix(block: g.Block, owner) -> g.Block:
@@ -98,7 +98,7 @@ def _us(x: float) -> float:
 
 def _with_report(graph: g.Graph, rep: PhaseReport) -> g.Graph:
     """Add comm=[...] and us=... (one execution) to every statement."""
-    by = {s.name: s for s in rep.stmts}
+    by = {s.name: s for s in rep.stmts + rep.prepared}   # prepared: once, at load time
 
     def fix(block, owner):
         stmts = []
@@ -199,7 +199,8 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     final = per_phase[phases[0].name] if len(phases) == 1 else _merge(per_phase["decode"], per_phase["prefill"])
     final = verify(final)
     t3 = time.perf_counter()
-    check = sum(ph.weight * reports[ph.name].step_s for ph in phases)
+    check = sum(ph.weight * reports[ph.name].step_s for ph in phases) + \
+        pl.PREPARE_WEIGHT * reports[phases[0].name].prepare_s
     stats = dict(built.stats, rounds=solved.rounds, solver=_jsonable(sol.stats), objective_repriced=check)
     return Plan(final, reports, solved.status, sol.objective, solved.bound, solved.gap, mesh, hw.name,
                 {"solve": t2 - t0, "annotate": t3 - t2, "total": t3 - t0,
