@@ -97,15 +97,17 @@ def cache_fix(graph: g.Graph, layout: str, mesh) -> dict:
             raise EinpartError("--kv-layout batch: cannot tell the batch index of the KV cache")
         split = (b,)
     else:
-        split = find_attention(graph, GraphInfo(graph)).kh   # () for multiquery: replicated
+        info = GraphInfo(graph)
+        split = find_attention(graph, info).kh      # one head (multiquery): replicated
+        heads = math.prod(info.extent[i] for i in split)
+        if heads == 1:
+            split = ()
+        elif heads % devices:
+            raise EinpartError(f"--kv-layout heads: {heads} key/value heads cannot be split over {devices} chips")
     fix = {}
     for d in _states(graph):
         idx = [i for i in split if i in d.type.indices]
         fix[d.name] = {idx[0]: axes} if idx and axes else {}
-    if layout == "heads" and split:
-        heads = math.prod(GraphInfo(graph).extent[i] for i in split)
-        if heads % devices:
-            raise EinpartError(f"--kv-layout heads: {heads} key/value heads cannot be split over {devices} chips")
     return fix
 
 
