@@ -77,6 +77,8 @@ def format_plan(p, spec: str = "") -> str:
                      f"MFU {100 * rep.mfu:.1f}%")
         lines.append(f"memory per device: {_b(rep.memory_bytes)} (weights {_b(rep.weights_bytes)}, "
                      f"KV cache {_b(rep.kv_bytes)}, activations {_b(rep.activation_bytes)})")
+        if rep.prepared:
+            lines.append(f"prepared once at load time ({_t(rep.prepare_s)}): " + ", ".join(s.name for s in rep.prepared))
     return "\n".join(lines)
 
 
