@@ -53,15 +53,16 @@ def test_flags_and_pipeline_disagree():
 
 
 @pytest.mark.parametrize("pipeline,dumps", [
-    ("int8,defer-norm", ["int8", "defer-norm", "shard"]),
-    ("defer-norm,int8", ["defer-norm", "int8", "shard"]),
-    ("multiquery{groups=1},defer-norm", ["multiquery", "defer-norm", "shard"]),
+    ("int8,defer-norm", ["int8", "defer-norm", "plan"]),                 # (--plan simple: fast)
+    ("defer-norm,int8", ["defer-norm", "int8", "plan"]),
+    ("multiquery{groups=1},defer-norm", ["multiquery", "defer-norm", "plan"]),
     ("defer-norm,multiquery{groups=1},int8,shard{mesh=(x=2,y=4),time_limit=5}", ["defer-norm", "multiquery", "int8",
                                                                                   "shard"]),
 ])
 def test_compile_takes_rewrites_in_any_order(tmp_path, capsys, pipeline, dumps):
     out = tmp_path / "out"
-    assert main(["compile", "llama", "--mesh", "2x4", "--pipeline", pipeline, "--out", str(out)]) == 0, \
+    plan = ["--plan", "simple"] if dumps[-1] == "plan" else []
+    assert main(["compile", "llama", "--mesh", "2x4", "--pipeline", pipeline, "--out", str(out), *plan]) == 0, \
         capsys.readouterr().err
     names = sorted(p.name for p in out.iterdir())
     want = ["00-input"] + [f"{k + 1:02d}-{d}" for k, d in enumerate(dumps)]
@@ -91,13 +92,16 @@ def test_run_flags_check_against_the_reference(capsys):
     assert out.rstrip().endswith("ok")
 
 
-def test_plan_flags_halve_weights_and_shrink_cache(capsys):
+def test_plan_flags_pool_the_cache_and_prepare_int8(capsys):
     base = ["plan", "llama", "--mesh", "2x4", "--phase", "decode", "--json"]
     assert main(base) == 0
-    plain = json.loads(capsys.readouterr().out)["phases"]["decode"]["memory_per_device"]
+    plain = json.loads(capsys.readouterr().out)["phases"]["decode"]
     assert main(base + ["--int8", "--kv-groups", "1", "--memory-limit", "inf"]) == 0
-    rew = json.loads(capsys.readouterr().out)["phases"]["decode"]["memory_per_device"]
-    assert rew["kv_cache"] < plain["kv_cache"]
+    rew = json.loads(capsys.readouterr().out)["phases"]["decode"]
+    assert rew["memory_per_device"]["kv_cache"] < plain["memory_per_device"]["kv_cache"]
+    assert plain["prepared"] == [] and {"w_down_i8", "wk_pool_i8"} <= set(rew["prepared"])
+    steps = {s["name"] for s in rew["statements"]}
+    assert not steps & set(rew["prepared"])     # preparation is not priced per step
 
 
 @pytest.mark.parametrize("command", [["plan"], ["compile", "--out", "OUT"],
