@@ -240,7 +240,7 @@ def test_every_rewrite_lowers_and_runs_on_both_meshes(name, mesh, kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,mesh,kind", MESH_CASES_SLOW, ids=[f"{n}-{m}-{k}" for n, m, k in MESH_CASES_SLOW])
 def test_every_rewrite_lowers_and_runs_on_both_meshes_other_plans(name, mesh, kind):
-    """The other plan kind on each mesh (the ILP on 2x2x2 takes about a minute for gpt2)."""
+    """The other plan kind on each mesh (the ILP on 2x2x2: 15-25 s each, mostly the solver)."""
     test_every_rewrite_lowers_and_runs_on_both_meshes(name, mesh, kind)
 
 
