@@ -45,6 +45,10 @@ def plan_pipeline(mesh: dict[str, int], kind: str | None = None, seed: int = 0, 
     kind = kind or DEFAULT_PLAN
     if kind not in PLANS:
         raise EinpartError(f"plan must be one of {', '.join(PLANS)}, got '{kind}'")
+    if before:       # a pipeline that ends with its own planning pass runs as given
+        from .passes.rewrite_util import planning_pass_last
+        if planning_pass_last(before):
+            return before
     template = PLAN_PIPELINES["shard" if kind == "shard" else "builtin"]
     text = template.format(mesh=f"'{mesh_text(mesh)}'", kind=kind, seed=seed, hardware=hardware)
     return f"{before},{text}" if before else text
@@ -115,12 +119,18 @@ def _setup_devices(args, mesh) -> None:
         simulate_cpu_devices(args.devices)
 
 
+def _before(args) -> str:
+    """--pipeline with --kv-groups / --int8 put in place (rewrite_util.with_rewrites)."""
+    from .passes.rewrite_util import with_rewrites
+    return with_rewrites(args.pipeline, args.int8, args.kv_groups)
+
+
 # ----------------------------------------------------------------- compile
 def cmd_compile(args) -> int:
     mesh = _mesh(args)
     graph = load_spec(args)
     out = Path(args.out)
-    result = plan_graph(graph, mesh, args.plan, args.seed, args.pipeline, dump_dir=out, hardware=args.hardware)
+    result = plan_graph(graph, mesh, args.plan, args.seed, _before(args), dump_dir=out, hardware=args.hardware)
     path = write_compile_outputs(result.graph, out, result.records, args.layers)
     for rec in result.records:
         print(f"{rec.name:<40} {rec.seconds * 1000:8.1f} ms  {rec.dump}")
@@ -160,7 +170,7 @@ def cmd_run(args) -> int:
     mesh = _mesh(args)
     _setup_devices(args, mesh)
     graph = load_spec(args)
-    planned = plan_graph(graph, mesh, args.plan, args.seed, hardware=args.hardware).graph
+    planned = plan_graph(graph, mesh, args.plan, args.seed, _before(args), hardware=args.hardware).graph
     from .runtime import Executable
     from .runtime.weights import load_weights
     start = time.perf_counter()
@@ -233,6 +243,9 @@ def _plan_args(p) -> None:
     p.add_argument("--hardware", default="cpu", metavar="H", help="hardware preset for --plan shard")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompt and random plans")
     p.add_argument("--layers", default="scan", choices=("scan", "unroll"), help="lower layers to lax.scan or unroll")
+    p.add_argument("--pipeline", metavar="P", help="passes to run before planning, e.g. 'defer-norm,cast{dtype=bf16}'")
+    p.add_argument("--int8", action="store_true", help="int8 weights (adds the int8 pass last before planning)")
+    p.add_argument("--kv-groups", type=int, metavar="G", help="pool K/V heads into G groups (adds multiquery{groups=G} first)")
 
 
 def register(sub) -> None:
@@ -240,7 +253,6 @@ def register(sub) -> None:
     add_spec_args(p)
     _plan_args(p)
     p.add_argument("--devices", type=int, metavar="N", help="simulated CPU devices (not needed to compile)")
-    p.add_argument("--pipeline", metavar="P", help="passes to run before planning, e.g. 'dce,cast{dtype=bf16}'")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_compile)
 

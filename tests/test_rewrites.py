@@ -340,3 +340,90 @@ def test_pipelines(tmp_path, name, pipeline, reference):
     else:
         cos, agree = int8_quality(name, pipeline, "multiquery{groups=1}")
         assert cos >= 0.999 and agree >= 8, (cos, agree)
+
+
+# ------------------------------------------------------------------ planning the rewrites
+BF16 = "cast{dtype=bf16,what=(param)}"
+
+
+def planned_weights(graph, mesh, **kw):
+    from einpart.passes.shard import plan
+    return plan(graph, mesh, "tpu-v4", "decode", batch=128, context=2048, **kw)
+
+
+def test_plan_counts_int8_weights_palm_540b():
+    """PaLM 540B on 64 TPU v4 chips: the planner holds int8 weights and their scales, not the
+    bf16 parameters they came from, so the least weight memory per chip halves and the
+    decode step (memory-bound) gets faster and is planned differently."""
+    from einpart.passes.shard.hardware import load_hardware
+    from einpart.passes.shard.phases import make_phases
+    from einpart.passes.shard.planner import Builder, memory_floor
+    base = run_pipeline(spec("palm", **BIG["palm"]), BF16).graph
+    quant = run_pipeline(base, "int8").graph
+    mesh = (("x", 4), ("y", 4), ("z", 4))
+    floors = {}
+    for name, gr in (("bf16", base), ("int8", quant)):
+        phases = make_phases(gr, "decode", batch=128, context=2048)
+        built = Builder(gr, mesh, load_hardware("tpu-v4"), phases).build(None)
+        floors[name] = memory_floor(built, phases)["weights"]
+    assert floors["bf16"] == pytest.approx(weight_bytes(base) / 64, rel=0.01)    # 16.9 GB: all of it, sharded
+    assert 0.49 < floors["int8"] / floors["bf16"] < 0.52
+    p16, p8 = planned_weights(base, "x=4,y=4,z=4"), planned_weights(quant, "x=4,y=4,z=4")
+    d16, d8 = p16.phases["decode"], p8.phases["decode"]
+    assert d8.step_s < 0.9 * d16.step_s and d8.weights_bytes < d16.weights_bytes
+    assert {s.name for s in d8.prepared} >= {"wq_i8", "wq_scale", "w_down_i8"}   # priced once, not per step
+    assert not {s.name for s in d8.stmts} & {s.name for s in d8.prepared}
+    split16 = {s.name: s.split for s in d16.stmts}
+    assert any(split16.get(s.name.removesuffix("_raw")) != s.split for s in d8.stmts if s.name.endswith("_raw"))
+
+
+def test_int8_makes_palm_540b_fit_32_chips():
+    """bf16 PaLM 540B (33.8 GB of weights per chip on 32 chips) plus its cache does not fit
+    32 GiB chips; with int8 the planner finds a plan that does."""
+    from einpart.errors import PlanError
+    base = run_pipeline(spec("palm", **BIG["palm"]), BF16).graph
+    with pytest.raises(PlanError, match=r"^weights 33\.8 GB \+ KV cache"):
+        planned_weights(base, "x=2,y=4,z=4")
+    p = planned_weights(run_pipeline(base, "int8").graph, "x=2,y=4,z=4")
+    rep = p.phases["decode"]
+    assert rep.memory_bytes <= 32 * 2 ** 30
+    assert rep.weights_bytes < weight_bytes(base) / 32    # (room it spends replicating some int8 weights)
+
+
+def test_prepared_weights_have_one_layout_in_both_phases():
+    """A two-phase plan stores each prepared weight once: prefill and decode read the same layout."""
+    from einpart.passes.shard import plan, specialize
+    from einpart.ir.layout import type_layout
+    gr = piped("llama", "multiquery{groups=1},defer-norm,int8")
+    p = plan(gr, "x=2,y=4", "tpu-v4", "both", batch=8, context=64)
+    pre, dec = specialize(p.graph, "prefill").types(), specialize(p.graph, "decode").types()
+    prepared = param_only(gr)
+    assert {"wq_attn_norm_i8", "wk_pool_attn_norm_i8", "w_down_i8"} <= prepared
+    for w in prepared:
+        assert type_layout(pre[w]) == type_layout(dec[w]), w
+    # what the report holds: prepared weights replace the parameters only preparation reads
+    rep = p.phases["decode"]
+    assert rep.weights_bytes == pytest.approx(sum(
+        _held(p.graph, n) for n in _step_read_weights(p.graph)))
+
+
+def _step_read_weights(graph):
+    from einpart.passes.shard.report import step_reads
+    prepared = param_only(graph)
+    reads = step_reads(graph, prepared)
+    params = {d.name for d, _ in graph.all_decls() if d.kind == "param"}
+    return sorted((params | prepared) & reads)
+
+
+def _held(graph, name):
+    from einpart.ir.layout import type_layout
+    from einpart.ir.shapes import DTYPE_BYTES
+    from einpart.ir.verify import index_sizes
+    typ = graph.types()[name]
+    idx, mesh = index_sizes(graph), dict(graph.mesh)
+    n = DTYPE_BYTES[typ.dtype]
+    for i, ax in type_layout(typ).items():
+        n *= idx[i] / np.prod([mesh[a] for a in ax])
+    layers = [s for s, _ in graph.all_stmts() if isinstance(s.op, g.Repeat)]
+    inside = any(name in {d.name for d in s.op.body.decls} | {t.name for t in s.op.body.stmts} for s in layers)
+    return n * (idx["l"] if inside else 1)

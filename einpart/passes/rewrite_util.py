@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..errors import EinpartError
 from ..ir import graph as g
 from ..ir.analysis import param_only
 from ..ir.shapes import DTYPE_BYTES
@@ -221,3 +222,40 @@ def weight_bytes(graph: g.Graph, sizes: dict[str, int] | None = None, float_dtyp
         dt = float_dtype if (float_dtype and w.dtype in g.FLOAT_DTYPES) else w.dtype
         total += replace(w, dtype=dt).nbytes
     return total
+
+
+# ------------------------------------------------------------ pipelines
+PLANNING_PASSES = ("shard", "plan")
+
+
+def with_rewrites(pipeline: str | None, int8: bool = False, kv_groups: int | None = None) -> str:
+    """The pipeline text with the CLI's rewrite flags put in their place: `--kv-groups G`
+    first (multiquery{groups=G} changes the model's shapes, so everything after it,
+    a folded gain or a quantised weight, is computed on the pooled heads), `--int8`
+    last before planning (so it quantises the weights defer-norm folded gains into).
+    A flag whose pass the pipeline already names is an error, not a second copy."""
+    from .manager import _split_top
+    parts = [p for p in _split_top(pipeline)] if pipeline and pipeline.strip() else []
+    names = [p.split("{")[0].strip() for p in parts]
+    if kv_groups is not None:
+        if "multiquery" in names:
+            raise EinpartError("--kv-groups: the pipeline already has a multiquery pass")
+        parts.insert(0, f"multiquery{{groups={kv_groups}}}")
+        names.insert(0, "multiquery")
+    if int8:
+        if "int8" in names:
+            raise EinpartError("--int8: the pipeline already has an int8 pass")
+        at = next((k for k, n in enumerate(names) if n in PLANNING_PASSES), len(parts))
+        parts.insert(at, "int8")
+    return ",".join(parts)
+
+
+def planning_pass_last(pipeline: str) -> bool:
+    """Whether the pipeline plans itself (ends with shard{...} or plan{...}); a planning
+    pass anywhere else is an error (the rewrites after it would undo its layouts)."""
+    from .manager import _split_top
+    names = [p.split("{")[0].strip() for p in _split_top(pipeline)]
+    where = [k for k, n in enumerate(names) if n in PLANNING_PASSES]
+    if where and where[0] != len(names) - 1:
+        raise EinpartError(f"pipeline '{pipeline}': the planning pass ({names[where[0]]}) must come last")
+    return bool(where)

@@ -77,17 +77,64 @@ def format_plan(p, spec: str = "") -> str:
                      f"MFU {100 * rep.mfu:.1f}%")
         lines.append(f"memory per device: {_b(rep.memory_bytes)} (weights {_b(rep.weights_bytes)}, "
                      f"KV cache {_b(rep.kv_bytes)}, activations {_b(rep.activation_bytes)})")
+        if rep.prepared:
+            lines.append(f"prepared once at load time ({_t(rep.prepare_s)}): " + ", ".join(s.name for s in rep.prepared))
     return "\n".join(lines)
 
 
-def cmd_plan(args) -> int:
+def parse_batches(text: str | None) -> list[int]:
+    """'128' or '128,512' -> [128, 512]."""
+    if not text:
+        return []
+    try:
+        out = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) <= 0:
+        raise EinpartError(f"--batch {text}: expected positive integers, e.g. 128 or 128,512")
+    return out
+
+
+def _rewritten(graph, args, kv_groups):
     from ..manager import run_pipeline
+    from ..rewrite_util import planning_pass_last, with_rewrites
+    text = with_rewrites(args.pipeline, args.int8, kv_groups)
+    if text and planning_pass_last(text):
+        raise EinpartError("--pipeline: einpart plan runs the planner itself; leave shard/plan out of the pipeline")
+    return run_pipeline(graph, text).graph if text else graph
+
+
+def cmd_context_report(args, graph) -> int:
+    from .capacity import Variant, context_report, format_context
+    variants = []
+    models = [(args.pipeline or "as given", None)]
+    if args.kv_groups is not None:
+        models.append((f"multiquery{{groups={args.kv_groups}}}", args.kv_groups))
+    layouts = [x.strip() for x in args.kv_layout.split(",") if x.strip()]
+    for label, groups in models:
+        g2 = _rewritten(graph, args, groups)
+        variants += [Variant(label + (" +int8" if args.int8 else ""), g2, lt) for lt in layouts]
+    rep = context_report(variants, args.mesh, args.hardware, parse_batches(args.batch), args.kv_fraction,
+                         probe=args.context or 0, time_limit=args.time_limit, workers=args.workers)
+    if args.json:
+        json.dump(rep.to_json(), sys.stdout, indent=1, default=_json_default)
+        print()
+    else:
+        print(format_context(rep, args.spec))
+    return 0
+
+
+def cmd_plan(args) -> int:
     from .shard import plan
     graph = load_spec(args)
-    if args.pipeline:
-        graph = run_pipeline(graph, args.pipeline).graph
+    if args.report == "context":
+        return cmd_context_report(args, graph)
+    graph = _rewritten(graph, args, args.kv_groups)
+    batches = parse_batches(args.batch)
+    if len(batches) > 1:
+        raise EinpartError(f"--batch {args.batch}: one batch size per plan (several only with --report context)")
     limit = 0.0 if args.memory_limit is None else parse_bytes(args.memory_limit)
-    p = plan(graph, args.mesh, args.hardware, args.phase, batch=args.batch or 0, context=args.context or 0,
+    p = plan(graph, args.mesh, args.hardware, args.phase, batch=batches[0] if batches else 0, context=args.context or 0,
              prompt=args.prompt or args.context or 0, steps=args.steps, memory_limit=limit,
              time_limit=args.time_limit, workers=args.workers)
     if args.json:
@@ -120,7 +167,7 @@ def register(sub) -> None:
     p.add_argument("--hardware", default="cpu", metavar="H",
                    help="tpu-v4, tpu-v4-torus, h100, h200, cpu, or a .toml/.json file")
     p.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
-    p.add_argument("--batch", type=int, metavar="B", help="batch size (default: the spec's)")
+    p.add_argument("--batch", metavar="B", help="batch size (default: the spec's); --report context: a list, 128,512")
     p.add_argument("--context", type=int, metavar="S", help="KV cache positions (default: the spec's)")
     p.add_argument("--prompt", type=int, metavar="T", help="prefill tokens (default: the context)")
     p.add_argument("--steps", type=int, default=64, help="decode steps per prefill, weighting phase=both")
@@ -128,6 +175,13 @@ def register(sub) -> None:
     p.add_argument("--time-limit", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--pipeline", metavar="P", help="passes to run first, e.g. 'cast{dtype=bf16}'")
+    p.add_argument("--int8", action="store_true", help="int8 weights (adds the int8 pass last)")
+    p.add_argument("--kv-groups", type=int, metavar="G", help="pool K/V heads into G groups (adds multiquery{groups=G} first)")
+    p.add_argument("--report", choices=("context",), help="context: the longest context that fits per batch "
+                   "(before and after --kv-groups), like Table 1 of Pope et al.")
+    p.add_argument("--kv-fraction", type=float, default=0.3, metavar="F", help="--report context: HBM share of the KV cache")
+    p.add_argument("--kv-layout", default="heads,batch", metavar="L",
+                   help="--report context: cache layouts to compare (heads, batch, auto)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", metavar="FILE", help="write the annotated spec here")
     p.set_defaults(func=cmd_plan)

@@ -11,7 +11,20 @@ Nodes (einpart.passes.shard.ilp.StrategyGraph):
     its last use (report.schedule);
   * per phase, every repeat: a carry node, the layout of the value entering
     and leaving the layer body. The body is built once, so solve time does
-    not grow with depth; its costs are multiplied by the layer count.
+    not grow with depth; its costs are multiplied by the layer count;
+  * weight preparation (param-only statements: an int8 quantisation, a
+    folded gain, pooled heads; einpart.ir.analysis.param_only): one node per
+    statement shared by all phases, like a declaration, because the runtime
+    computes it once at load time and stores ONE copy that both programs
+    read. Its strategies are its splits; a prepared weight that a step reads
+    holds its bytes per device throughout (it replaces the parameter it came
+    from, which is released once prepared: a parameter that only
+    preparation reads holds no memory during the steps). Preparation runs
+    once per load, so its seconds are only a tie-break (PREPARE_WEIGHT,
+    below the stored-byte tie-break): a parameter that only preparation
+    reads is stored at its smallest layout, and among those the cheaper
+    preparation wins. (Memory at load time, the parameters and the prepared
+    weights together, is not limited.)
 Edges: operand reshards from producer layout to the consumer's split (cost
 matrices through cost.ReshardTable); equality edges (0 or forbidden) tie
 init / yield to the carry and a cache write to its state, so the layout
@@ -29,13 +42,14 @@ import numpy as np
 from ...errors import EinpartError, PlanError
 from ...ir import graph as g
 from ...ir import layout as lay
+from ...ir.analysis import param_only
 from ...ir.shapes import DTYPE_BYTES
 from . import ilp
 from .cost import (FORBIDDEN, Pricer, StmtStrategy, enumerate_layouts, layout_key, local_bytes,
                    ReshardTable, stmt_strategies)
 from .hardware import Hardware
 from .phases import Phase
-from .report import live_interval, peak_of, schedule
+from .report import live_interval, peak_of, schedule, step_reads
 
 
 @dataclass
@@ -98,6 +112,12 @@ class Built:
         return st, var
 
 
+# The phase name of weight-preparation nodes (shared by every phase, like declarations).
+PREP = "prepare"
+# Weight preparation runs once per load, not per step: its seconds count this much
+# (a tie-break: 1 s of preparation weighs as much as 10 stored bytes).
+PREPARE_WEIGHT = 1e-18
+
 # Tie-break: a stored byte costs this many seconds, so that among plans of equal
 # time the planner stores less (e.g. shards a table no step reads whole).
 BYTE_TIE = 1e-19
@@ -119,6 +139,11 @@ def use_counts(graph: g.Graph) -> dict:
     for o in graph.outputs:
         n[o] += 2
     return n
+
+
+def is_stored(n: Node) -> bool:
+    """Held for the whole run: declarations and prepared weights."""
+    return n.kind == "decl" or n.phase == PREP
 
 
 def rope_pairs(graph: g.Graph) -> frozenset:
@@ -155,6 +180,9 @@ class Builder:
         self.table = ReshardTable(self.pricer)
         self.defs, self.last, self.end = schedule(graph)
         self.used_fix: set = set()
+        self.prepared = param_only(graph)
+        self.step_read = step_reads(graph, self.prepared)
+        self.prep_prod: dict[str, int] = {}
 
     # -- helpers -----------------------------------------------------------
     def _fixed(self, phase: str | None, name: str):
@@ -220,11 +248,44 @@ class Builder:
             use = np.array([max(local_bytes(d.type.indices, m, lt, self.pricer.size, item) for m in size_maps)
                             for lt in layouts]) * layers
             keys = [layout_key(lt, d.type.indices) for lt in layouts]
+            held = use if (d.kind != "param" or d.name in self.step_read) else np.zeros_like(use)
             self.add(Node(f"decl:{d.name}", "decl", d.name, None, d.type.indices, keys,
-                          use * BYTE_TIE, use, decl_kind=d.kind))
+                          use * BYTE_TIE, held, decl_kind=d.kind))
+
+    def preparation(self):
+        """One node per param-only statement, shared by the phases (see the module docstring)."""
+        prod = {d.name: self.by_label[f"decl:{d.name}"] for d, _ in self.graph.all_decls()}
+        ph = self.phases[0]
+        size_maps = [p.idx for p in self.phases]
+
+        def walk(block: g.Block, layers: int):
+            for s in block.stmts:
+                if isinstance(s.op, g.Repeat):
+                    walk(s.op.body, layers * ph.idx[s.op.index])
+                    continue
+                if s.name not in self.prepared:
+                    continue
+                sts = self._strategies(s, ph, None, size_maps)
+                choices = [(si, vi) for si, st in enumerate(sts) for vi in range(len(st.variants))]
+                keep = s.name in self.step_read
+                usage = np.array([sts[si].variants[vi].mem * layers if keep else 0.0 for si, vi in choices])
+                scale = PREPARE_WEIGHT * layers
+                cost = np.array([sts[si].compute_s + sts[si].variants[vi].reduce_s for si, vi in choices]) * scale
+                n = self.add(Node(f"{PREP}:{s.name}", "stmt", s.name, PREP, s.type.indices,
+                                  [sts[si].variants[vi].out for si, vi in choices], cost + usage * BYTE_TIE,
+                                  usage, (0, 0), sts, choices, scale))
+                for r in lay.stmt_refs(s):
+                    wants = [tuple(sts[si].split.get(i, ()) for i in r.indices) for si, _ in choices]
+                    self._ref_link(prod[r.name], n, r.indices, r.name, wants, ph.idx, scale)
+                prod[s.name] = self.prep_prod[s.name] = n
+                for p in self.phases:       # the phase programs find it under their own labels too
+                    self.by_label[f"{p.name}:{s.name}"] = n
+
+        walk(self.graph.body, 1)
 
     def phase(self, ph: Phase, offset: int):
         prod = {d.name: self.by_label[f"decl:{d.name}"] for d, _ in self.graph.all_decls()}
+        prod.update(self.prep_prod)
         self._block(self.graph.body, ph, 1.0, prod, offset)
 
     def _ref_link(self, prod: int, cons: int, ref_indices: tuple, tensor: str, wants: list, idx: dict,
@@ -234,6 +295,8 @@ class Builder:
 
     def _block(self, block: g.Block, ph: Phase, mult: float, prod: dict, offset: int):
         for s in block.stmts:
+            if s.name in self.prepared:
+                continue         # weight preparation: built once (preparation())
             start, end = live_interval(s.name, self.defs, self.last)
             span = (start + offset, end + offset)
             if isinstance(s.op, g.Repeat):
@@ -273,9 +336,11 @@ class Builder:
                 self._ref_link(prod[r.name], n, r.indices, r.name, wants, ph.idx, scale, equal=is_cache)
             prod[s.name] = n
 
-    def _strategies(self, s: g.Statement, ph: Phase) -> list[StmtStrategy]:
-        sts = stmt_strategies(s, self.types, [ph.idx], self.pricer, self.hw, ph.idx, self.forbid)
-        want = self._fixed(ph.name, s.name)
+    def _strategies(self, s: g.Statement, ph: Phase, phase: str | None = "", size_maps=None) -> list[StmtStrategy]:
+        """Legal strategies of s at ph's sizes (in every size map), narrowed by a fixed split;
+        phase: the name a fix may carry ('' = ph's, None = no phase: weight preparation)."""
+        sts = stmt_strategies(s, self.types, size_maps or [ph.idx], self.pricer, self.hw, ph.idx, self.forbid)
+        want = self._fixed(ph.name if phase == "" else phase, s.name)
         if want is not None:
             split, out = want if isinstance(want, tuple) else (want, None)
             split = {i: tuple(a) for i, a in split.items() if a}
@@ -290,6 +355,7 @@ class Builder:
 
     def build(self, limit: float | None) -> Built:
         self.decls()
+        self.preparation()
         offset = 0
         for ph in self.phases:
             self.phase(ph, offset)
@@ -298,7 +364,7 @@ class Builder:
         if unknown:
             raise EinpartError(f"fixed layout for unknown tensor or statement '{sorted(unknown)[0]}'")
         for n in self.nodes:
-            if n.kind == "decl":
+            if is_stored(n) and n.usage.any():
                 n.interval = (0, offset)
         edges = list(self.edges)
         sg = ilp.StrategyGraph([n.cost for n in self.nodes], [n.usage for n in self.nodes],
@@ -329,12 +395,12 @@ def memory_floor(built: Built, phases: list[Phase]) -> dict:
     """The least memory per device each class can take (every tensor at its smallest)."""
     out = defaultdict(float)
     for n in built.nodes:
-        if n.kind == "decl":
-            key = {"param": "weights", "state": "KV cache"}.get(n.decl_kind, "inputs")
+        if is_stored(n):
+            key = {"param": "weights", "state": "KV cache", "": "weights"}.get(n.decl_kind, "inputs")
             out[key] += float(n.usage.min())
     act = 0.0
     for ph in phases:
-        items = [(n.interval, _min_usage(n)) for n in built.nodes if n.kind != "decl" and n.phase == ph.name]
+        items = [(n.interval, _min_usage(n)) for n in built.nodes if not is_stored(n) and n.phase == ph.name]
         act = max(act, peak_of(items))
     out["activations"] = act
     return dict(out)
@@ -347,7 +413,7 @@ def rule_out_oversized(built: Built, slack: float) -> int:
     first solve from replicating weights that cannot be replicated."""
     dropped = 0
     for n in built.nodes:
-        if n.kind == "decl":
+        if is_stored(n):
             bad = n.usage - n.usage.min() > slack * (1 + 1e-12)
             if bad.any():
                 n.cost[bad] = FORBIDDEN
@@ -402,8 +468,18 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
         if sol.status in ("infeasible", "unknown"):
             return solve_phase(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed, memory_of)
         lower += sol.bound
-        cand = {n.tensor: dict(zip(n.indices, n.layouts[sol.assignment[i]]))
-                for i, n in enumerate(built.nodes) if n.kind == "decl"}
+        sizes = dict(mesh)
+        cand = {}
+        for i, n in enumerate(built.nodes):
+            if n.kind != "decl":
+                continue
+            layout = dict(zip(n.indices, n.layouts[sol.assignment[i]]))
+            if all(p.idx[j] % math.prod(sizes[a] for a in ax) == 0 for j, ax in layout.items() for p in phases):
+                cand[n.tensor] = layout    # (a layout legal in this phase only, e.g. a split prompt, is left free)
+        for i, n in enumerate(built.nodes):   # prepared weights: pinned as (split, stored layout)
+            if n.phase == PREP:
+                st, var = n.choice(sol.assignment[i])
+                cand[n.tensor] = (st.split, dict(zip(n.indices, var.out)))
         if cand not in cands:
             cands.append(cand)
     # (Letting every declaration choose between the phases' choices in one joint
@@ -481,7 +557,7 @@ def plan_memory(built: Built, assign: list, phases: list[Phase]) -> float:
     total = 0.0
     per_phase = defaultdict(list)
     for i, n in enumerate(built.nodes):
-        if n.kind == "decl":
+        if is_stored(n):
             total += float(n.usage[assign[i]])
         elif n.kind == "carry":
             per_phase[n.phase].append((n.interval, float(n.usage[assign[i]])))

@@ -3,7 +3,10 @@ will run it, and the totals (seconds per step, MFU, memory per device).
 
 This reads only the graph: every statement's `split` attribute and the
 layouts on the types, through einpart.ir.layout.plan_stmt, the function
-codegen lowers from. So it prices exactly the collectives that run, for
+codegen lowers from. Weight preparation (param-only statements) runs once
+at load time: it is priced apart (`prepared`, not in the step), and the
+weights a step holds are what it reads: prepared weights (int8 and
+scales, gain-folded weights) instead of the parameters they came from. So it prices exactly the collectives that run, for
 the planner's choice and for any layout written by hand, and the planner's
 objective can be checked against it.
 """
@@ -53,6 +56,12 @@ class PhaseReport:
     activation_bytes: float = 0.0   # peak of live statement results
     model_flops: float = 0.0        # global FLOPs of the contractions
     peak_flops: float = 0.0         # per device
+    prepared: list = field(default_factory=list)   # StmtCost of weight preparation (once, at load time)
+
+    @property
+    def prepare_s(self) -> float:
+        """Seconds of weight preparation (once per load, not per step)."""
+        return sum(s.time_s * s.count for s in self.prepared)
 
     @property
     def step_s(self) -> float:
@@ -86,7 +95,8 @@ class PhaseReport:
         return {
             "phase": self.phase, "devices": self.devices, "hardware": self.hardware,
             "step_s": self.step_s, "compute_s": self.compute_s, "memory_s": self.memory_s,
-            "comm_s": self.comm_s, "mfu": self.mfu,
+            "comm_s": self.comm_s, "mfu": self.mfu, "prepare_s": self.prepare_s,
+            "prepared": [s.name for s in self.prepared],
             "memory_per_device": {"weights": self.weights_bytes, "kv_cache": self.kv_bytes,
                                   "inputs": self.input_bytes, "activations": self.activation_bytes,
                                   "total": self.memory_bytes},
@@ -138,6 +148,19 @@ def _carry_cost(s: g.Statement, types, sizes, pricer, src_name: str) -> list:
     moves = lay.reshard(src_l, want, s.type.indices)
     _, p = price_moves(moves, src_l, s.type.indices, sizes, pricer, item)
     return [(f"{c.describe()} on {src_name}", t) for c, t in p]
+
+
+def step_reads(graph: g.Graph, prepared: set) -> set:
+    """Tensors a step reads: inputs of statements other than weight preparation, and outputs."""
+    out = set(graph.outputs)
+    for s, _ in graph.all_stmts():
+        if s.name in prepared:
+            continue
+        if isinstance(s.op, g.Repeat):
+            out |= {s.op.init, s.op.result}
+        else:
+            out |= {r.name for r in lay.stmt_refs(s)}
+    return out
 
 
 def schedule(graph: g.Graph):
@@ -206,11 +229,12 @@ def result_bytes(s: g.Statement, idx: dict, mesh_size: dict) -> float:
     return local_bytes(s.type.indices, idx, lay.type_layout(s.type), mesh_size, DTYPE_BYTES[s.type.dtype])
 
 
-def activation_peak(graph: g.Graph, idx: dict, mesh_size: dict) -> float:
-    """Peak bytes per device of live statement results (see schedule)."""
+def activation_peak(graph: g.Graph, idx: dict, mesh_size: dict, skip=frozenset()) -> float:
+    """Peak bytes per device of live statement results (see schedule); `skip`: weight
+    preparation, whose results are weights, not activations."""
     defs, last, _ = schedule(graph)
     return peak_of((live_interval(s.name, defs, last), result_bytes(s, idx, mesh_size))
-                   for s, _ in graph.all_stmts())
+                   for s, _ in graph.all_stmts() if s.name not in skip)
 
 
 def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = None,
@@ -225,6 +249,8 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
     idx = index_sizes(graph, sz)
     types = graph.types()
     rep = PhaseReport(phase, math.prod(n for _, n in mesh), hw.name, peak_flops=hw.flops_bf16)
+    prepared = param_only(graph)
+    read = step_reads(graph, prepared)
 
     prepared = param_only(graph)
 
@@ -234,6 +260,11 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
         groups = lay.collective_groups(block.stmts, comms, prepared) if merge else []
         group_of = {m: gr for gr in groups for m in gr.members}
         for s in block.stmts:
+            if s.name in prepared:
+                rep.prepared.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat))
+                if s.name in read:      # a prepared weight: held, like a parameter
+                    rep.weights_bytes += result_bytes(s, idx, pricer.size) * count
+                continue
             if isinstance(s.op, g.Repeat):
                 for src, n, inside in ((s.op.init, count, in_repeat), (s.op.result, count * idx[s.op.index], True)):
                     parts = _carry_cost(s, types, idx, pricer, src)
@@ -252,10 +283,10 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
         per = local_bytes(d.type.indices, idx, lay.type_layout(d.type), pricer.size, DTYPE_BYTES[d.type.dtype])
         per *= shp.size / max(1, math.prod(idx[i] for i in d.type.indices))   # the stacked layer axis
         if d.kind == "param":
-            rep.weights_bytes += per
+            rep.weights_bytes += per if d.name in read else 0.0   # only preparation reads it: not held
         elif d.kind == "state":
             rep.kv_bytes += per
         else:
             rep.input_bytes += per
-    rep.activation_bytes = activation_peak(graph, idx, pricer.size)
+    rep.activation_bytes = activation_peak(graph, idx, pricer.size, prepared)
     return rep

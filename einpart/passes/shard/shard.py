@@ -67,7 +67,7 @@ def _phase_graph(graph: g.Graph, built: pl.Built, assign: list, ph, mesh) -> g.G
               for i, n in enumerate(built.nodes) if n.kind == "decl"}
     layout_of = {}
     for i, n in enumerate(built.nodes):
-        if n.phase == ph.name:
+        if n.phase in (ph.name, pl.PREP):      # prepared weights: one layout for every phase
             layout_of[n.tensor] = dict(zip(n.indices, built.out_layout(i, assign)))
 
     def fix(block: g.Block, owner) -> g.Block:
@@ -98,7 +98,7 @@ def _us(x: float) -> float:
 
 def _with_report(graph: g.Graph, rep: PhaseReport) -> g.Graph:
     """Add comm=[...] and us=... (one execution) to every statement."""
-    by = {s.name: s for s in rep.stmts}
+    by = {s.name: s for s in rep.stmts + rep.prepared}   # prepared: once, at load time
 
     def fix(block, owner):
         stmts = []
@@ -201,7 +201,8 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     t3 = time.perf_counter()
     # the strategy graph prices every reduction alone: re-price it so; the reports
     # price the program codegen emits, with merged reductions (objective_merged)
-    check = sum(ph.weight * price_graph(per_phase[ph.name], hw, ph.name, merge=False).step_s for ph in phases)
+    check = sum(ph.weight * price_graph(per_phase[ph.name], hw, ph.name, merge=False).step_s for ph in phases) + \
+        pl.PREPARE_WEIGHT * reports[phases[0].name].prepare_s
     merged = sum(ph.weight * reports[ph.name].step_s for ph in phases)
     stats = dict(built.stats, rounds=solved.rounds, solver=_jsonable(sol.stats), objective_repriced=check,
                  objective_merged=merged)
