@@ -81,20 +81,28 @@ def format_plan(p, spec: str = "") -> str:
 
 
 def cmd_plan(args) -> int:
+    from ... import progress
     from ..manager import run_pipeline
     from .shard import plan
     graph = load_spec(args)
     if args.pipeline:
-        graph = run_pipeline(graph, args.pipeline).graph
+        result = run_pipeline(graph, args.pipeline)
+        progress.current().timings(result.records)
+        graph = result.graph
     limit = 0.0 if args.memory_limit is None else parse_bytes(args.memory_limit)
-    p = plan(graph, args.mesh, args.hardware, args.phase, batch=args.batch or 0, context=args.context or 0,
-             prompt=args.prompt or args.context or 0, steps=args.steps, memory_limit=limit,
-             time_limit=args.time_limit, workers=args.workers)
+    options = dict(phase=args.phase, batch=args.batch or 0, context=args.context or 0,
+                   prompt=args.prompt or args.context or 0, steps=args.steps, memory_limit=limit)
+    with progress.current().step("solving the ILP"):
+        p = plan(graph, args.mesh, args.hardware, time_limit=args.time_limit, workers=args.workers, **options)
     if args.json:
         json.dump(p.to_json(), sys.stdout, indent=1, default=_json_default)
         print()
     else:
         print(format_plan(p, args.spec))
+    if args.explain:
+        from .explain import explain
+        print()
+        print(explain(p.graph, args.hardware, **options).text())
     if args.output:
         from ...ir.printer import format_graph
         with open(args.output, "w", encoding="utf-8") as f:
@@ -129,6 +137,8 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--pipeline", metavar="P", help="passes to run first, e.g. 'cast{dtype=bf16}'")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--explain", action="store_true",
+                   help="print why each layout won: its cost against the runner-up")
     p.add_argument("-o", "--output", metavar="FILE", help="write the annotated spec here")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("solve-iopddl", help="solve an IOPDDL sharding instance with the ILP solver core")
