@@ -107,7 +107,7 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
                     compile=False)
     options = {"hardware": hardware, "phase": phase, "batch": batch, "context": context, "prompt": prompt,
                "steps": steps, "memory_limit": memory_limit} if plan == "shard" else None
-    return Program(ex, result.records, options, weights, seed)
+    return Program(ex, result.graph, result.records, options, hardware, weights, seed)
 
 
 class ProgramPlan:
@@ -115,13 +115,13 @@ class ProgramPlan:
     declared tensor, every statement's split per program, the predicted cost of each
     program (passes.shard.report, the prices the planner used), and explain()."""
 
-    def __init__(self, graph: g.Graph, shard_options: dict | None):
+    def __init__(self, graph: g.Graph, shard_options: dict | None, hardware: str = "cpu"):
         from .codegen.lower import program_graphs
         from .ir.layout import stmt_split, type_layout
         self.graph = graph
         self.mesh = dict(graph.mesh)
         self._options = shard_options
-        self.hardware = (shard_options or {}).get("hardware", "cpu")
+        self.hardware = hardware
         self.programs = program_graphs(graph)
         self.layouts = {d.name: {i: a for i, a in type_layout(d.type).items() if a}
                         for d, _ in graph.all_decls()}
@@ -169,9 +169,11 @@ class Program:
     prefill / decode are pure functions of (tokens, params, state); generate runs the
     ahead-of-time compiled programs of the Executable (`program.executable`)."""
 
-    def __init__(self, executable, records, plan_options: dict | None, weights, seed: int):
+    def __init__(self, executable, graph: g.Graph, records, plan_options: dict | None, hardware: str, weights,
+                 seed: int):
         self.executable = executable
-        self.graph = executable.graph          # the planned graph (layouts and splits in the IR)
+        self.graph = graph                     # the planned graph (layouts and splits in the IR)
+        self.hardware = hardware
         self.records = records                 # the pipeline's passes, times and dumps
         self._plan_options = plan_options
         self._weights, self._seed = weights, seed
@@ -183,7 +185,7 @@ class Program:
     def plan(self):
         """Layouts, predicted costs per phase, and explain() (a ProgramPlan)."""
         if self._plan is None:
-            self._plan = ProgramPlan(self.graph, self._plan_options)
+            self._plan = ProgramPlan(self.graph, self._plan_options, self.hardware)
         return self._plan
 
     @property

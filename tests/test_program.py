@@ -173,6 +173,14 @@ def test_bad_arguments(call, message):
     assert str(e.value) == message
 
 
+def test_explain_needs_the_shard_planner(program):
+    with pytest.raises(einpart.EinpartError) as e:
+        program.plan.explain()
+    assert str(e.value) == ("explain needs a plan of the shard planner (compile with plan='shard'); "
+                            "the built-in plans follow a rule, not costs")
+    assert program.plan.hardware == "tpu-v4" and program.plan.costs["prefill"].comm_s > 0
+
+
 def test_bad_params_and_tokens(program):
     weights = program.weights()
     del weights["wq"]
