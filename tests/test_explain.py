@@ -96,3 +96,13 @@ def test_cli_plan_explain():
     assert "== decode ==" in out and "why each layout won (mesh x=2, y=4, tpu-v4)" in out
     assert "weight wq: " in out and "runner-up" in out and "statement decode:q: split" in out
     assert proc.stderr == ""            # piped: no progress text
+
+
+def test_cli_plan_explain_json(capsys):
+    import json
+    from einpart import cli
+    assert cli.main(["plan", str(spec_path("llama")), "--mesh", "2x4", "--hardware", "tpu-v4", "--phase", "decode",
+                     "--explain", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    wq = next(x for x in data["explain"] if x["name"] == "wq")
+    assert wq["kind"] == "weight" and wq["runner_up"]["time_s"] >= 0 and wq["runner_up"]["layout"] != wq["chosen"]

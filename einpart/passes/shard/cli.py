@@ -94,15 +94,21 @@ def cmd_plan(args) -> int:
                    prompt=args.prompt or args.context or 0, steps=args.steps, memory_limit=limit)
     with progress.current().step("solving the ILP"):
         p = plan(graph, args.mesh, args.hardware, time_limit=args.time_limit, workers=args.workers, **options)
+    why = None
+    if args.explain:
+        from .explain import explain
+        why = explain(p.graph, args.hardware, **options)
     if args.json:
-        json.dump(p.to_json(), sys.stdout, indent=1, default=_json_default)
+        out = p.to_json()
+        if why is not None:
+            out["explain"] = why.to_json()
+        json.dump(out, sys.stdout, indent=1, default=_json_default)
         print()
     else:
         print(format_plan(p, args.spec))
-    if args.explain:
-        from .explain import explain
-        print()
-        print(explain(p.graph, args.hardware, **options).text())
+        if why is not None:
+            print()
+            print(why.text())
     if args.output:
         from ...ir.printer import format_graph
         with open(args.output, "w", encoding="utf-8") as f:

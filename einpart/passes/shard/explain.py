@@ -89,6 +89,19 @@ class Explanation:
     def text(self) -> str:
         return format_explanation(self)
 
+    def to_json(self) -> list:
+        def delta(d: Delta) -> dict:
+            return {"time_s": d.time_s, "compute_s": d.compute_s, "memory_s": d.memory_s, "comm_s": d.comm_s}
+        out = []
+        for it in self.items:
+            r = it.runner_up
+            out.append({"kind": it.kind, "name": it.name, "chosen": it.chosen, "tied_to": it.tied_to,
+                        "runner_up": None if r is None else {
+                            "layout": r.text, "time_s": r.time_s, "objective_s": r.objective_s,
+                            "memory_bytes": r.memory_bytes,
+                            "phases": {ph: delta(d) for ph, d in sorted(r.phases.items())}}})
+        return out
+
     def __str__(self) -> str:
         return self.text()
 
