@@ -85,7 +85,7 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
     from .passes.shard.phases import overrides
     from .ir.parser import override_sizes
     from .ir.verify import verify
-    import einpart.codegen  # noqa: F401  (registers the plan pass)
+    from . import codegen  # noqa: F401  (registers the plan pass)
     if plan not in PLANS:
         raise EinpartError(f"plan must be one of {', '.join(PLANS)}, got '{plan}'")
     mesh = parse_mesh(mesh) if not isinstance(mesh, dict) else {str(k): int(v) for k, v in mesh.items()}

@@ -106,3 +106,13 @@ def test_cli_plan_explain_json(capsys):
     data = json.loads(capsys.readouterr().out)
     wq = next(x for x in data["explain"] if x["name"] == "wq")
     assert wq["kind"] == "weight" and wq["runner_up"]["time_s"] >= 0 and wq["runner_up"]["layout"] != wq["chosen"]
+
+
+def test_a_plan_the_planner_cannot_express_is_a_clear_error():
+    from einpart.codegen.plans import set_plan
+    graph = einpart.parse_file(spec_path("llama"))
+    hand = set_plan(graph, {"x": 2, "y": 4}, layouts={"wq": {"k": ("x",)}})   # rope pairs are never split
+    with pytest.raises(einpart.EinpartError) as e:
+        explain(hand, "tpu-v4", "prefill")
+    assert str(e.value) == ("explain: the layout k@x of 'wq' is not one the planner chooses from on this mesh "
+                            "(explain a plan of the shard pass)")

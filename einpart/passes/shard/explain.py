@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...errors import EinpartError
 from ...ir import graph as g
 from ...ir import layout as lay
 from .cost import FORBIDDEN, layout_key
@@ -227,25 +228,25 @@ class _Flips:
         return out
 
 
-def _merge(into: dict, more: dict) -> None:
-    for ph, d in more.items():
-        into.setdefault(ph, Delta()).add(d)
-
-
 def chosen_assignment(built, planned: g.Graph, phase_graphs: dict) -> list:
     """The strategy graph's assignment that a planned graph is (raises on a plan it cannot express)."""
     decls = {d.name: d for d, _ in planned.all_decls()}
     stmts = {ph: {s.name: s for s, _ in pg.all_stmts()} for ph, pg in phase_graphs.items()}
     out = []
+
+    def find(n, key):
+        if key not in n.layouts:
+            raise EinpartError(f"explain: the layout {_key_text(key, n.indices)} of '{n.tensor}' is not one the "
+                               f"planner chooses from on this mesh (explain a plan of the shard pass)")
+        return n.layouts.index(key)
     for n in built.nodes:
         if n.kind == "decl":
-            want = layout_key(lay.type_layout(decls[n.tensor].type), n.indices)
-            out.append(n.layouts.index(want))
+            out.append(find(n, layout_key(lay.type_layout(decls[n.tensor].type), n.indices)))
             continue
         s = stmts[n.phase][n.tensor]
         out_key = layout_key(lay.type_layout(s.type), n.indices)
         if n.kind == "carry":
-            out.append(n.layouts.index(out_key))
+            out.append(find(n, out_key))
             continue
         split = _norm(lay.stmt_split(s))
         for c, (si, vi) in enumerate(n.choices):
@@ -254,7 +255,8 @@ def chosen_assignment(built, planned: g.Graph, phase_graphs: dict) -> list:
                 out.append(c)
                 break
         else:
-            raise ValueError(f"explain: {n.label}'s split {split} is not one of its strategies")
+            raise EinpartError(f"explain: the split {_axes(split, tuple(split)) if split else 'none'} of "
+                               f"'{n.label}' is not one the planner chooses from (explain a plan of the shard pass)")
     return out
 
 
