@@ -89,6 +89,20 @@ def test_grad_through_sharded_prefill_matches_plain_jax(plan, pipeline):
     assert float(np.abs(np.asarray(got["wq"])).max()) > 0     # not a vacuous match
 
 
+def test_grad_through_prefill_then_decode_via_the_cache(program):
+    """The cache written by prefill carries the gradient into decode: decode's logits at position 3
+    are the plain model's last logits over 4 tokens."""
+    weights = program.weights()
+    plain = {n: jnp.asarray(np.asarray(a)) for n, a in weights.items()}
+
+    def through_cache(w):
+        _, cache = program.prefill(TOKENS[:, :3], params=w)
+        logits, _ = program.decode(TOKENS[:, 3], cache, 3, params=w)
+        return loss_of(logits)
+    want = jax.jit(jax.grad(lambda w: loss_of(llama_logits(w, TOKENS)[:, 3:])))(plain)
+    assert_grads_match(jax.jit(jax.grad(through_cache))(weights), want)
+
+
 def test_source_uses_a_differentiable_cross_shard_max():
     random = einpart.compile(spec_path("llama"), mesh="2x4", sizes=SIZES, plan="random", seed=1)
     src = random.source
@@ -132,8 +146,9 @@ def test_param_shardings_place_user_weights(program):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
-def test_generate_is_greedy_on_the_reference(program):
+def test_generate_is_greedy_on_the_reference(program, capsys):
     tokens = program.generate(TOKENS[:, :3], 3)
+    assert capsys.readouterr().err == ""          # not a terminal: no progress text
     ref = Reference(program.executable.spec_graph, {n: np.asarray(a) for n, a in program.weights().items()})
     np.testing.assert_array_equal(tokens, ref.generate(TOKENS[:, :3], 3)[0])
 
