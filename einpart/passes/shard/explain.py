@@ -276,10 +276,11 @@ KIND = {"param": "weight", "state": "cache", "input": "input"}
 
 
 def explain(planned: g.Graph, hardware="cpu", phase: str = "both", batch: int = 0, context: int = 0,
-            prompt: int = 0, steps: int = 64, memory_limit: float | None = None, prune: bool = True) -> Explanation:
+            prompt: int = 0, steps: int = 64, memory_limit: float | None = 0.0, prune: bool = True) -> Explanation:
     """Explain a planned graph (the shard pass's output): every weight, cache, input,
     layer carry and statement, its choice and its runner-up. The options are the
-    shard pass's (sizes, phases and hardware must be those it planned with)."""
+    shard pass's (sizes, phases, hardware and memory limit must be those it planned with;
+    memory_limit: bytes per device, 0 = the hardware's HBM, None = no limit)."""
     from .shard import specialize
     hw = load_hardware(hardware)
     mesh = tuple(planned.mesh)
