@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
-    for command in sub.choices.values():     # every subcommand: -v (einpart.progress)
-        command.add_argument("-v", "--verbose", action="store_true",
-                             help="print each pass's time and each long step's (on stderr)")
+    for command in sub.choices.values():     # every subcommand: -v (einpart.progress), unless it has its own
+        if "-v" not in command._option_string_actions and "--verbose" not in command._option_string_actions:
+            command.add_argument("-v", "--verbose", action="store_true",
+                                 help="print each pass's time and each long step's (on stderr)")
     return parser
 
 
