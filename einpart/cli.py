@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 
+from . import progress
 from .errors import EinpartError
 
 # Modules that define `register(subparsers)`, each adding subcommands whose
@@ -26,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for command in sub.choices.values():     # every subcommand: -v (einpart.progress), unless it has its own
+        if "-v" not in command._option_string_actions and "--verbose" not in command._option_string_actions:
+            command.add_argument("-v", "--verbose", action="store_true",
+                                 help="print each pass's time and each long step's (on stderr)")
     return parser
 
 
@@ -35,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    progress.configure(verbose=getattr(args, "verbose", False))   # progress: stderr, on a terminal
     try:
         return int(args.func(args) or 0)
     except EinpartError as e:

@@ -62,8 +62,12 @@ def plan_graph(graph, mesh, kind=None, seed=0, before=None, dump_dir=None, hardw
             from .passes import shard  # noqa: F401  (registers the shard pass)
         except ImportError as e:
             raise EinpartError(f"the shard planner is not available: {e}") from None
+    from . import progress
     from .passes import run_pipeline
-    return run_pipeline(graph, plan_pipeline(mesh, kind, seed, before, hardware), dump_dir=dump_dir)
+    with progress.current().step("planning"):
+        result = run_pipeline(graph, plan_pipeline(mesh, kind, seed, before, hardware), dump_dir=dump_dir)
+    progress.current().timings(result.records)
+    return result
 
 
 def plan_json(graph, layers: str) -> dict:

@@ -21,6 +21,8 @@ def test_parse_format_interpret_round_trip():
 
 def test_lazy_names_resolve_and_import_einpart_does_not_load_jax():
     code = ("import sys, einpart; assert 'jax' not in sys.modules, 'jax imported'; "
+            "from einpart.api import compile, Program; assert einpart.compile is compile; "
+            "assert einpart.Program is Program and 'jax' not in sys.modules, 'compile imported jax'; "
             "assert callable(einpart.trace) and 'jax' in sys.modules; "
             "from einpart.runtime.executable import Executable; assert einpart.Executable is Executable")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -37,3 +39,4 @@ def test_readme_library_example_runs(monkeypatch, capsys):
     exec(compile(block, "README.md", "exec"), {})  # the README's own example, nothing else
     out = capsys.readouterr().out
     assert "def decode(" in out and "jax.shard_map" in out
+    assert out.startswith("plan on mesh x=2, y=4, priced on tpu-v4") and "why each layout won" in out

@@ -51,6 +51,23 @@ UNARY_CODE = {
     "sigmoid": "jax.nn.sigmoid", "silu": "jax.nn.silu", "relu": "jax.nn.relu", "abs": "jnp.abs",
 }
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# lax.pmax has no derivative; a max reduced across shards calls this one instead, so the
+# generated programs compose with jax.grad. Its tangent is that of jnp.max: the tangent at
+# the maximum, split evenly between shards that tie. Emitted only in modules that use it.
+PMAX_HELPER = [
+    "@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))",
+    "def pmax(x, axis_name):",
+    '    """lax.pmax with a derivative (the tangent at the maximum; ties share it evenly)."""',
+    "    return lax.pmax(x, axis_name)",
+    "",
+    "",
+    "@pmax.defjvp",
+    "def pmax_jvp(axis_name, primals, tangents):",
+    "    (x,), (dx,) = primals, tangents",
+    "    out = lax.pmax(x, axis_name)",
+    "    hit = (x == out).astype(x.dtype)",
+    "    return out, lax.psum(dx * hit, axis_name) / lax.psum(hit, axis_name)",
+]
 
 
 # ------------------------------------------------------------------ helpers
@@ -125,6 +142,7 @@ class _Program:
         self.merge = True                   # step programs merge reductions (layout.collective_groups)
         self.grouped: set = set()           # members of the block's merged groups
         self.partial: dict = {}             # member -> (local partial variable, what finishes it)
+        self.uses_pmax = False              # emits pmax(): the module then defines it (PMAX_HELPER)
         for d, _ in graph.all_decls():  # tensor variables first: stable names
             self.ns.tensor(d.name)
             if _ is not None:
@@ -254,7 +272,8 @@ class _Program:
             if c.kind == "psum":
                 self.w(f"{var} = lax.psum({var}, {axes_code(c.axes)})")
             elif c.kind == "pmax":
-                self.w(f"{var} = lax.pmax({var}, {axes_code(c.axes)})")
+                self.uses_pmax = True
+                self.w(f"{var} = pmax({var}, {axes_code(c.axes)})")
             elif c.kind == "psum_scatter":
                 self.w(f"{var} = lax.psum_scatter({var}, {axes_code(c.axes)}, "
                        f"scatter_dimension={out.index(c.index)}, tiled=True)")
@@ -753,11 +772,14 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
             lines.append(f"    {literal(p)}: {{" + ", ".join(f"{literal(n, 'tensor name')}: {v}"
                                                          for n, v in items.items()) + "},")
         lines.append("}")
-    lines += ["", ""]
-    lines += _Prepare(full["prefill"], prepared, layers).emit()
-    for p, pg in progs.items():
-        lines += ["", ""]
-        lines += _Program(pg, p, layers, given).emit()
+    emitters = [_Prepare(full["prefill"], prepared, layers)] + [_Program(pg, p, layers, given)
+                                                                  for p, pg in progs.items()]
+    bodies = [e.emit() for e in emitters]
+    if any(e.uses_pmax for e in emitters):
+        lines[lines.index("import jax")] = "import functools\n\nimport jax"
+        lines += ["", ""] + PMAX_HELPER
+    for body in bodies:
+        lines += ["", ""] + body
     lines += [
         "", "",
         "def programs(mesh):",

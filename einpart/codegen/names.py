@@ -24,7 +24,7 @@ MODULE_NAMES = frozenset({
     "jax", "jnp", "lax", "np", "P", "F32", "BF16", "F16", "HIGHEST", "NEG_INF", "MESH",
     "PARAM_SPECS", "STATE_SPECS", "INPUT_SPECS", "OUTPUT_SPECS", "PROGRAMS", "PREPARED_SPECS",
     "STEP_PARAM_SPECS", "INPUT_SHAPES", "prefill", "decode", "prepare", "programs", "params", "state",
-    "inputs", "pos", "carry",
+    "inputs", "pos", "carry", "functools", "pmax", "pmax_jvp",
 })
 
 

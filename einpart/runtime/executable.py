@@ -37,6 +37,7 @@ from ..ir.shapes import decl_shapes
 from ..ir.verify import index_sizes, resolve_sizes, verify
 from ..codegen.lower import LAYER_MODES, generate_source, program_graphs, split_prepare
 from ..codegen.plans import parse_mesh, simple_plan
+from .. import progress
 from .devices import make_mesh, simulate_cpu_devices
 from .weights import NUMPY_DTYPE, load_weights
 
@@ -158,7 +159,8 @@ class Executable:
             simulate_cpu_devices(devices)
         self.mesh_shape = dict(graph.mesh)
         self.mesh = make_mesh(self.mesh_shape, platform=platform)
-        arrays = load_weights(self.spec_graph, weights, seed)
+        with progress.current().step("drawing random weights" if weights is None else "loading weights"):
+            arrays = load_weights(self.spec_graph, weights, seed)
         self._modules: dict = {}
         self._compiled: dict = {}
         self.timing = Timing()
@@ -225,8 +227,9 @@ class Executable:
             module = self.module(batch, T)
             fn = module.programs(self.mesh)[kind]
             start = time.perf_counter()
-            lowered = jax.jit(fn, donate_argnums=(1,)).lower(*self._structs(module, kind, batch, T))
-            self._compiled[key] = lowered.compile()
+            with progress.current().step(f"compiling {kind} for batch {batch} x {key[2]} (XLA)"):
+                lowered = jax.jit(fn, donate_argnums=(1,)).lower(*self._structs(module, kind, batch, T))
+                self._compiled[key] = lowered.compile()
             self.timing.compile_s[f"{kind}-{batch}x{key[2]}"] = time.perf_counter() - start
         return self._compiled[key]
 
@@ -454,6 +457,7 @@ class Executable:
             index = self._put(np.asarray(n - 1 if step == 0 else 0, np.int32), P())
             nxt = self.host(sample(logits, index, rng))
             out.append(nxt)
+            progress.current().count("generating tokens", step + 1, max_new)
             if step + 1 == max_new:
                 break
             logits = self._decode(nxt[:, None])

@@ -10,6 +10,7 @@ import math
 import re
 import sys
 
+from ... import progress
 from ...cli_ir import add_spec_args, load_spec
 from ...errors import EinpartError
 from .mesh import format_mesh, mesh_devices
@@ -101,7 +102,11 @@ def _rewritten(graph, args, kv_groups):
     text = with_rewrites(args.pipeline, args.int8, kv_groups)
     if text and planning_pass_last(text):
         raise EinpartError("--pipeline: einpart plan runs the planner itself; leave shard/plan out of the pipeline")
-    return run_pipeline(graph, text).graph if text else graph
+    if not text:
+        return graph
+    result = run_pipeline(graph, text)
+    progress.current().timings(result.records)
+    return result.graph
 
 
 def cmd_context_report(args, graph) -> int:
@@ -134,14 +139,25 @@ def cmd_plan(args) -> int:
     if len(batches) > 1:
         raise EinpartError(f"--batch {args.batch}: one batch size per plan (several only with --report context)")
     limit = 0.0 if args.memory_limit is None else parse_bytes(args.memory_limit)
-    p = plan(graph, args.mesh, args.hardware, args.phase, batch=batches[0] if batches else 0, context=args.context or 0,
-             prompt=args.prompt or args.context or 0, steps=args.steps, memory_limit=limit,
-             time_limit=args.time_limit, workers=args.workers)
+    options = dict(phase=args.phase, batch=batches[0] if batches else 0, context=args.context or 0,
+                   prompt=args.prompt or args.context or 0, steps=args.steps, memory_limit=limit)
+    with progress.current().step("solving the ILP"):
+        p = plan(graph, args.mesh, args.hardware, time_limit=args.time_limit, workers=args.workers, **options)
+    why = None
+    if args.explain:
+        from .explain import explain
+        why = explain(p.graph, args.hardware, **options)
     if args.json:
-        json.dump(p.to_json(), sys.stdout, indent=1, default=_json_default)
+        out = p.to_json()
+        if why is not None:
+            out["explain"] = why.to_json()
+        json.dump(out, sys.stdout, indent=1, default=_json_default)
         print()
     else:
         print(format_plan(p, args.spec))
+        if why is not None:
+            print()
+            print(why.text())
     if args.output:
         from ...ir.printer import format_graph
         with open(args.output, "w", encoding="utf-8") as f:
@@ -183,6 +199,8 @@ def register(sub) -> None:
     p.add_argument("--kv-layout", default="heads,batch", metavar="L",
                    help="--report context: cache layouts to compare (heads, batch, auto)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--explain", action="store_true",
+                   help="print why each layout won: its cost against the runner-up")
     p.add_argument("-o", "--output", metavar="FILE", help="write the annotated spec here")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("solve-iopddl", help="solve an IOPDDL sharding instance with the ILP solver core")
