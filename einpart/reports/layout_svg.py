@@ -65,15 +65,23 @@ def tensor_svg(decl: g.Decl, mesh: dict, stacked: str | None = None) -> str:
     axes = list(mesh)
     drow = mesh[axes[0]] if len(axes) > 1 else 1
     dcol = len(devs) // drow
-    tw, th = 260.0, (150.0 if rows else 44.0)
+    tw, th = 200.0, (120.0 if rows else 40.0)
     bw, bh = tw / nc, th / nr
     cell = max(14.0, min(30.0, 420.0 / max(dcol, 1)))
-    gx, top = tw + 90, 34
+    gx, top = tw + 60, 34
     name = decl.name + layout_text(decl.type) + f" : {decl.type.dtype}"
     if stacked:
-        name += f"  (one per layer, stacked over {stacked}; the layer axis is not split)"
-    # widths of the texts estimated at 0.62 em per character (Helvetica averages less)
-    width = max(gx + dcol * cell, len(name) * 13 * 0.62, gx + 62 * 11 * 0.62) + 20
+        name += f"  (per layer: stacked over {stacked}, not split)"
+    across = " x ".join(f"{a}={mesh[a]}" for a in axes[1:]) if len(axes) > 1 else f"{axes[0]}={mesh[axes[0]]}"
+    down = f", {axes[0]}={mesh[axes[0]]} down" if len(axes) > 1 else ""
+    where = f"devices: {across} across{down}"
+    copies = len(devs) // (nr * nc)
+    if nr * nc == 1:
+        share = f"replicated: each of the {len(devs)} devices holds all of it"
+    else:
+        share = f"{nr * nc} blocks; each device holds 1/{nr * nc}" + (f", {copies} copies of each" if copies > 1 else "")
+    # text widths estimated at 0.6 em per character (Helvetica averages ~0.55)
+    width = max(gx + dcol * cell, len(name) * 13 * 0.6, gx + max(len(where), len(share)) * 11 * 0.6) + 12
     height = top + max(th, drow * cell) + 40
     svg = S.Svg(width, height)
     svg.text(0, 16, name, size=13, weight="bold")
@@ -93,7 +101,7 @@ def tensor_svg(decl: g.Decl, mesh: dict, stacked: str | None = None) -> str:
     svg.rect(0, top, tw, th, stroke="#333")
     svg.text(tw / 2, top + th + 16, " x ".join(cols) + " across" + (f", {rows[0]} down" if rows else ""),
              size=11, anchor="middle", fill="#555")
-    svg.text(gx - 12, top + th / 2, "->", size=14, anchor="end", fill="#555")
+    svg.text(gx - 14, top + th / 2 + 5, "->", size=14, anchor="end", fill="#555")
     label = len(devs) <= MAX_LABELLED
     for d, c in enumerate(devs):
         r, k = divmod(d, dcol)
@@ -104,13 +112,6 @@ def tensor_svg(decl: g.Decl, mesh: dict, stacked: str | None = None) -> str:
         if label:
             svg.text(gx + k * cell + cell / 2, top + r * cell + cell / 2 + 4, b, size=min(11, cell * 0.45),
                      anchor="middle", fill="#fff")
-    across = " x ".join(f"{a}={mesh[a]}" for a in axes[1:]) if len(axes) > 1 else f"{axes[0]}={mesh[axes[0]]}"
-    down = f", {axes[0]}={mesh[axes[0]]} down" if len(axes) > 1 else ""
-    svg.text(gx, top + max(th, drow * cell) + 16, f"devices: {across} across{down}", size=11, fill="#555")
-    copies = len(devs) // (nr * nc)
-    if nr * nc == 1:
-        share = f"replicated: each of the {len(devs)} devices holds all of it"
-    else:
-        share = f"{nr * nc} blocks; each device holds 1/{nr * nc}" + (f", {copies} copies of each" if copies > 1 else "")
+    svg.text(gx, top + max(th, drow * cell) + 16, where, size=11, fill="#555")
     svg.text(gx, top + max(th, drow * cell) + 30, share, size=11, fill="#555")
     return svg.text_doc(standalone=False)
