@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "einpart.cli_frontend",
     "einpart.passes.shard.cli",
     "einpart.cli_run",
+    "einpart.reports.cli",
 )
 
 

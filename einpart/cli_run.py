@@ -140,6 +140,9 @@ def cmd_compile(args) -> int:
         print(f"{rec.name:<40} {rec.seconds * 1000:8.1f} ms  {rec.dump}")
     print(f"{'lower':<40} {'':>11}  {path}")
     print(f"plan: {out / 'plan.json'}")
+    if args.html:
+        from .reports.html import write_report
+        print(f"report: {write_report(args.html, args.spec, result.records, result.graph, args.hardware, path.read_text())}")
     return 0
 
 
@@ -258,6 +261,7 @@ def register(sub) -> None:
     _plan_args(p)
     p.add_argument("--devices", type=int, metavar="N", help="simulated CPU devices (not needed to compile)")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--html", metavar="FILE", help="also write one self-contained HTML report (einpart report)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="compile and generate; print tokens and tokens/s")
