@@ -16,7 +16,8 @@ others must not hang in a collective that can never complete, so two
 bounds apply: jax.distributed's heartbeat (`--heartbeat-timeout`, passed as
 `heartbeat_timeout_seconds`; JAX's default is 100 s) lets the coordination
 service notice a missing process, and a watchdog gives each stage (join,
-build, generate) at most `--stage-timeout` seconds. When the watchdog fires, or a
+build, generate, finish) at most `--stage-timeout` seconds (default an hour:
+it is the backstop; the heartbeat is what notices a dead process). When the watchdog fires, or a
 collective fails, the process prints one line, `einpart-multihost: process I:
 ...` naming the stage, and exits with status 3 (the watchdog exits the
 process at once: a thread stuck in a collective cannot be interrupted).
@@ -114,6 +115,22 @@ def join(coordinator: str, num_processes: int, process_id: int, local_devices: i
                                shutdown_timeout_seconds=int(heartbeat_s))
 
 
+def leave(client, process_id: int, num_processes: int, limit_s: float) -> None:
+    """Disconnect in order. With recoverable tasks JAX's shutdown barrier no longer keeps the
+    coordinator (process 0, which hosts the coordination service) alive until the others
+    have disconnected, and a process whose coordinator is gone aborts. So the others
+    shut down first, and process 0 waits until none of them is live before it does."""
+    import jax
+    if process_id != 0:
+        jax.distributed.shutdown()
+        return
+    everyone = list(range(num_processes))      # the request must include the caller
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and set(client.get_live_nodes(everyone)) - {0}:
+        time.sleep(0.05)
+    jax.distributed.shutdown()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="einpart-multihost")
     p.add_argument("spec")
@@ -128,7 +145,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", default="scan", choices=("scan", "unroll"))
     p.add_argument("--prompt-len", type=int, required=True)
     p.add_argument("--max-new", type=int, required=True)
-    p.add_argument("--stage-timeout", type=float, default=600.0,
+    p.add_argument("--stage-timeout", type=float, default=3600.0,
                    help="seconds each stage (join, build, generate) may take before this process gives up")
     p.add_argument("--heartbeat-timeout", type=int, default=30,
                    help="jax.distributed heartbeat timeout in seconds (JAX's default: 100)")
@@ -155,6 +172,15 @@ def run(argv=None, watchdog: Watchdog | None = None) -> dict:
     prompt = np.random.default_rng(args.seed).integers(0, ex.vocab, (ex.batch, args.prompt_len), dtype=np.int32)
     dog.enter("generate")
     tokens, history = ex.generate(prompt, args.max_new, return_logits=True)
+    # No process may leave before all are done: one that exits would look dead to the
+    # others' liveness check. So the check stops here and everyone meets at a barrier
+    # (bounded by --stage-timeout; a peer that dies now makes it fail).
+    dog.enter("finish")
+    dog.peers = 0
+    from jax._src import distributed
+    client = distributed.global_state.client
+    client.wait_at_barrier("einpart-multihost-finish", int(args.stage_timeout * 1000))
+    leave(client, args.process_id, args.num_processes, args.stage_timeout)
     dog.enter("done")
     return {"process": jax.process_index(), "processes": jax.process_count(),
             "local_devices": jax.local_device_count(), "devices": jax.device_count(),
