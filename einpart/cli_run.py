@@ -182,7 +182,7 @@ def cmd_run(args) -> int:
     from .runtime.weights import load_weights
     start = time.perf_counter()
     ex = Executable(planned, layers=args.layers, dtype=args.dtype, seed=args.seed, weights=args.weights,
-                    prefill_len=args.prompt_len, platform=args.platform)
+                    prefill_len=args.prompt_len, platform=args.platform, check_finite=args.check_weights)
     build_s = time.perf_counter() - start
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(0, ex.vocab, (ex.batch, args.prompt_len), dtype=np.int32)
@@ -272,6 +272,7 @@ def register(sub) -> None:
     p.add_argument("--prompt-len", type=int, required=True, metavar="P")
     p.add_argument("--max-new", type=int, required=True, metavar="N")
     p.add_argument("--weights", metavar="FILE", help="safetensors weights (default: random from --seed)")
+    p.add_argument("--check-weights", action="store_true", help="refuse weights holding NaN or Inf (reads them all)")
     p.add_argument("--dtype", default="f32", choices=("f32", "bf16"), help="storage of weights and cache")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)

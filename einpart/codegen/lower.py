@@ -39,7 +39,7 @@ from ..ir.model import step_axes
 from ..ir.printer import format_attrs, format_op, format_type
 from ..ir.analysis import param_only
 from ..ir.verify import index_sizes, resolve_sizes, stmt_inputs, verify
-from .names import Namespace, check_identifier, literal, number
+from .names import Namespace, check_identifier, docstring_text, literal, number
 from .plans import specialize
 
 LAYER_MODES = ("scan", "unroll")
@@ -724,7 +724,7 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
         raise EinpartError("prefill and decode read different weights")
     given = {d.name: type_layout(d.type) for d, _ in progs["prefill"].all_decls() if d.kind == "param"}
     lines = [
-        f'"""einpart: {_comment(graph.source.replace(chr(92), "/").split("/")[-1])} lowered to jax.shard_map.',
+        f'"""einpart: {docstring_text(graph.source.replace(chr(92), "/").split("/")[-1])} lowered to jax.shard_map.',
         "",
         f"mesh {', '.join(f'{n}={v}' for n, v in graph.mesh)}; layers={layers}; sizes "
         + ", ".join(f"{k}={v}" for k, v in resolve_sizes(progs["prefill"]).items())

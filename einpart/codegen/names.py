@@ -48,6 +48,14 @@ def number(v) -> str:
     return repr(f)
 
 
+def docstring_text(text: str) -> str:
+    """Free text (a spec's file name) made safe inside a triple-quoted docstring or a comment:
+    printable ASCII on one line, with no quote or backslash that could end the string.
+    (A file named `x\"\"\"+__import__('os').system(...)+\"\"\".ein` must stay text.)"""
+    out = "".join(c if " " <= c <= "~" and c not in "\"\\" else "?" for c in " ".join(str(text).split()))
+    return out
+
+
 class Namespace:
     """Hands out identifiers; never the same twice, never a reserved one."""
 

@@ -55,32 +55,84 @@ class TensorInfo:
         return np.memmap(self.path, dtype=dt, mode="r", offset=self.offset, shape=self.shape)
 
 
+MAX_HEADER = 100 * 2**20   # the safetensors format's own limit on the JSON header
+
+
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Every tensor of one file, without reading the data."""
+    """Every tensor of one file, without reading the data.
+
+    A header that lies is an EinpartError naming each bad tensor before any byte of
+    data is read: a header length past the end of the file, JSON that is not an object,
+    an unknown dtype, a shape that is not a list of non-negative integers, data offsets
+    that are not [start, end] with start <= end, a byte count that does not match
+    shape x dtype, data past the end of the file (a truncated file), or two tensors whose
+    bytes overlap."""
     path = Path(path)
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise ValueError("file too short")
+                raise ValueError(f"file too short: {size} bytes, a safetensors file starts with an 8-byte header "
+                                 f"length")
             (n,) = struct.unpack("<Q", head)
-            size = path.stat().st_size
             if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
+                raise ValueError(f"the header length {n} is larger than the file ({size} bytes)")
+            if n > MAX_HEADER:
+                raise ValueError(f"the header length {n} exceeds the format's limit of {MAX_HEADER} bytes")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"the header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is JSON {type(header).__name__}, not an object")
+    except OSError as e:
+        raise EinpartError(f"{path}: cannot read weights: {e.strerror or e}") from None
+    except ValueError as e:
         raise EinpartError(f"{path}: not a safetensors file ({e})") from None
     base = 8 + n
-    out = {}
+    data_size = size - base
+    out, problems = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        bad = _entry_problem(info, data_size)
+        if bad:
+            problems.append(f"tensor '{name}': {bad}")
+            continue
         start, end = info["data_offsets"]
-        if base + end > size:
-            raise EinpartError(f"{path}: tensor '{name}' runs past the end of the file")
-        out[name] = TensorInfo(path, name, info["dtype"], tuple(int(x) for x in info["shape"]), base + start,
-                               end - start)
+        out[name] = TensorInfo(path, name, info["dtype"], tuple(info["shape"]), base + start, end - start)
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in out.values() if t.nbytes)
+    for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:]):
+        if s1 < e0:
+            problems.append(f"tensors '{a}' and '{b}' overlap (bytes {s0 - base}..{e0 - base} and "
+                            f"{s1 - base}..{e1 - base})")
+    if problems:
+        head = f"{path}: the safetensors header is inconsistent ({len(problems)} problem{'s' * (len(problems) > 1)}):"
+        raise EinpartError("\n  ".join([head] + problems))
     return out
+
+
+def _entry_problem(info, data_size: int) -> str:
+    """Why one header entry is unusable ('' if it is fine)."""
+    if not isinstance(info, dict):
+        return f"the entry is {type(info).__name__}, not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _NUMPY:
+        return f"unsupported dtype {dtype!r} (known: {', '.join(_NUMPY)})"
+    if not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"data_offsets {offsets!r} is not [start, end] with 0 <= start <= end"
+    want = int(np.prod(shape, dtype=object)) * _NUMPY[dtype].itemsize
+    if offsets[1] - offsets[0] != want:
+        return (f"holds {offsets[1] - offsets[0]} bytes, but shape {shape} of {dtype} needs {want}")
+    if offsets[1] > data_size:
+        return (f"bytes {offsets[0]}..{offsets[1]} run past the end of the file (it has {data_size} bytes of "
+                f"data: truncated?)")
+    return ""
 
 
 def load_file(path: str | Path) -> dict[str, np.ndarray]:

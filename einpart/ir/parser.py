@@ -8,7 +8,7 @@ import functools
 from dataclasses import replace
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from ..errors import EinpartError, SpecError
@@ -21,6 +21,29 @@ _TERMINAL_WORDS = {
     "STAR": "'*'", "SLASH": "'/'", "$END": "end of file", "TENSOR_KIND": "param/input/state",
     "REDUCE": "sum/max/mean",
 }
+
+
+# The deepest syntax tree accepted. The examples nest 12 levels; every later stage
+# (transformer, verifier, printer, passes, codegen) walks expressions recursively, so
+# a spec of a 3,000-term sum or 3,000 unary minuses would end in a RecursionError
+# somewhere deep in the compiler. It is refused here, at the place it starts.
+MAX_NESTING = 200
+
+
+def _check_nesting(tree: Tree, file: str, text: str) -> None:
+    """An iterative walk: a SpecError at the first node nested deeper than MAX_NESTING."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, Tree):
+            continue
+        if depth > MAX_NESTING:
+            meta = node.meta
+            line, col = (meta.line, meta.column) if not getattr(meta, "empty", True) else (0, 0)
+            raise SpecError(f"expression nested too deeply (more than {MAX_NESTING} levels of operators or "
+                            f"parentheses); split it into several statements",
+                            g.Span(file, line, col, line, col + 1), text)
+        stack.extend((c, depth + 1) for c in node.children)
 
 
 @functools.lru_cache(maxsize=1)
@@ -276,6 +299,7 @@ def parse_syntax(text: str, file: str = "<spec>") -> tuple[g.Graph, dict]:
         tree = _lark().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, text, file) from None
+    _check_nesting(tree, file, text)
     try:
         items = _Builder(file).transform(tree)
     except VisitError as e:

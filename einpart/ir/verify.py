@@ -13,6 +13,10 @@ from dataclasses import replace
 from ..errors import SpecError
 from . import graph as g
 
+# Array dimensions and element counts are 64-bit in numpy and XLA: a larger size
+# (D = 10**19) would be silently wrong in generated code, so it is an error here.
+MAX_EXTENT = 2**63 - 1
+
 
 def resolve_sizes(graph: g.Graph, overrides: dict[str, int] | None = None) -> dict[str, int]:
     """Evaluate every size declaration; overrides replace declared values."""
@@ -57,6 +61,8 @@ def resolve_sizes(graph: g.Graph, overrides: dict[str, int] | None = None) -> di
         v = size_of(s.name)
         if v <= 0:
             err(f"size {s.name} must be positive, got {v}", s.span)
+        if v > MAX_EXTENT:
+            err(f"size {s.name} = {v} is too large: array dimensions are 64-bit (at most 2**63 - 1)", s.span)
     return done
 
 
@@ -282,9 +288,15 @@ class _Verifier:
     def check_layouts(self, spans: dict):
         """Mesh axes on tensor axes must be declared, used once per tensor, and divide the index."""
         mesh = dict(self.graph.mesh)
-        types = [(d.name, d.type, d.span) for d, _ in self.graph.all_decls()]
-        types += [(s.name, s.type, s.span) for s, _ in self.graph.all_stmts()]
-        for name, typ, span in types:
+        types = [(d.name, d.type, d.span, o) for d, o in self.graph.all_decls()]
+        types += [(s.name, s.type, s.span, o) for s, o in self.graph.all_stmts()]
+        for name, typ, span, owner in types:
+            count = self.index_size[owner.index] if owner is not None else 1
+            for i in typ.indices:
+                count *= self.index_size[i]
+            if count > MAX_EXTENT:
+                self.err(f"'{name}' {self._fmt(typ)} has {count} elements, more than a 64-bit count "
+                         f"(2**63 - 1) allows", span)
             used: list[str] = []
             for a in typ.axes:
                 parts = 1

@@ -107,7 +107,7 @@ class Executable:
     def __init__(self, graph: g.Graph, mesh=None, *, layers: str = "scan", dtype: str = "f32", seed: int = 0,
                  weights=None, devices: int | None = None, prefill_len: int | None = None,
                  source_dir: str | Path | None = None, plan=simple_plan, compile: bool = True,
-                 platform: str | None = None):
+                 platform: str | None = None, check_finite: bool = False):
         if layers not in LAYER_MODES:
             raise EinpartError(f"layers must be one of {', '.join(LAYER_MODES)}, got '{layers}'")
         if dtype not in STORAGE_DTYPES:
@@ -159,8 +159,9 @@ class Executable:
             simulate_cpu_devices(devices)
         self.mesh_shape = dict(graph.mesh)
         self.mesh = make_mesh(self.mesh_shape, platform=platform)
+        # every tensor is checked (and with check_finite, scanned for NaN / Inf) before any is placed
         with progress.current().step("drawing random weights" if weights is None else "loading weights"):
-            arrays = load_weights(self.spec_graph, weights, seed)
+            arrays = load_weights(self.spec_graph, weights, seed, check_finite_values=check_finite)
         self._modules: dict = {}
         self._compiled: dict = {}
         self.timing = Timing()

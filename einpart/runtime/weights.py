@@ -31,6 +31,7 @@ def dtype_name(dt) -> str:
     return str(dt)
 
 
+FLOAT_NAMES = ("bf16", "f16", "f32", "f64")
 STORED_AS = "stored_as"   # multiquery: the axes a parameter has in the weights file
 
 
@@ -82,17 +83,14 @@ def check_weights(graph: g.Graph, arrays: dict, source: str = "weights", sizes: 
 
 
 def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    try:
-        from safetensors.numpy import load_file
-    except ImportError:  # pragma: no cover
-        raise EinpartError("loading weights needs the safetensors package (pip install safetensors)") from None
+    """Every tensor of a safetensors file, memory-mapped. The whole header is checked first
+    (frontend/stfile.py: sizes, offsets, overlaps, truncation), so a file that lies fails
+    with the names of its bad tensors before any data is read."""
+    from ..frontend import stfile
     path = Path(path)
     if not path.is_file():
         raise EinpartError(f"{path}: no such weights file")
-    try:
-        return dict(load_file(str(path)))
-    except Exception as e:
-        raise EinpartError(f"{path}: cannot read safetensors weights: {e}") from None
+    return {name: info.load() for name, info in stfile.read_header(path).items()}
 
 
 def save_safetensors(arrays: dict, path: str | Path) -> None:
@@ -100,12 +98,48 @@ def save_safetensors(arrays: dict, path: str | Path) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
 
 
-def load_weights(graph: g.Graph, weights=None, seed: int = 0, sizes: dict | None = None) -> dict[str, np.ndarray]:
+def check_finite(arrays: dict, source: str = "weights") -> None:
+    """One EinpartError naming every floating-point tensor that holds NaN or Inf (where the
+    first one is and how many), read a slice of the first axis at a time."""
+    problems = []
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        if dtype_name(a.dtype) not in FLOAT_NAMES:
+            continue
+        nan = inf = 0
+        first = None
+        rows = a.reshape((1,) + a.shape) if a.ndim == 0 else a     # one slice of the first axis at a time
+        for i in range(rows.shape[0]):
+            x = np.asarray(rows[i], dtype=np.float64)
+            bad = ~np.isfinite(x)
+            if bad.any():
+                nan += int(np.isnan(x).sum())
+                inf += int(np.isinf(x).sum())
+                if first is None:
+                    first = ((i,) if a.ndim else ()) + tuple(int(j) for j in np.argwhere(bad)[0])
+        if nan or inf:
+            problems.append(f"tensor '{name}' has {nan + inf} non-finite value{'s' * (nan + inf > 1)} ({nan} NaN, {inf} Inf), "
+                            f"the first at index {list(first)}")
+    if problems:
+        head = f"{source} hold non-finite values ({len(problems)} tensor{'s' * (len(problems) > 1)}):"
+        raise EinpartError("\n  ".join([head] + problems))
+
+
+def load_weights(graph: g.Graph, weights=None, seed: int = 0, sizes: dict | None = None,
+                 check_finite_values: bool = False) -> dict[str, np.ndarray]:
     """None: random init from `seed`; a path: a safetensors file; a dict: arrays by name.
-    Checked against the spec; returned in the spec's declared dtypes."""
+    Checked against the spec (every tensor: names, shapes, dtypes; with check_finite_values
+    also NaN / Inf) before anything is returned, so a caller places nothing on a device
+    from a file that fails; returned in the spec's declared dtypes."""
     if weights is None:
-        arrays = init_params(graph, seed, sizes)
-        return {n: a.astype(NUMPY_DTYPE[expected_params(graph, sizes)[n][1]]) for n, a in arrays.items()}
+        want = expected_params(graph, sizes)
+        try:
+            arrays = init_params(graph, seed, sizes)
+            return {n: a.astype(NUMPY_DTYPE[want[n][1]]) for n, a in arrays.items()}
+        except (MemoryError, ValueError) as e:
+            total = sum(int(np.prod(shape, dtype=object)) * NUMPY_DTYPE[dt].itemsize for shape, dt in want.values())
+            raise EinpartError(f"cannot create random weights for this spec ({total} bytes of parameters): "
+                               f"{type(e).__name__}: {e}") from None
     if isinstance(weights, (str, Path)):
         source = f"weights file {weights}"
         arrays = load_safetensors(weights)
@@ -114,6 +148,8 @@ def load_weights(graph: g.Graph, weights=None, seed: int = 0, sizes: dict | None
     else:
         raise EinpartError(f"weights must be None, a safetensors path or a dict, got {type(weights).__name__}")
     check_weights(graph, arrays, source, sizes)
+    if check_finite_values:
+        check_finite(arrays, source)
     if any(g.attr(d.attrs, STORED_AS) for d, _ in graph.all_decls()):
         from ..passes.multiquery import transform_params
         arrays = transform_params(graph, arrays, sizes)
