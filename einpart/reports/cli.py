@@ -88,14 +88,14 @@ def cmd_pareto(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ..cli_run import plan_graph
+    from ..cli_run import _before, plan_graph
     from ..codegen import generate_source
     from ..codegen.plans import parse_mesh
     from .html import write_report
     mesh = parse_mesh(args.mesh)
     graph = load_spec(args)
     with tempfile.TemporaryDirectory(prefix="einpart-report-") as tmp:
-        result = plan_graph(graph, mesh, args.plan, args.seed, args.pipeline, dump_dir=tmp, hardware=args.hardware)
+        result = plan_graph(graph, mesh, args.plan, args.seed, _before(args), dump_dir=tmp, hardware=args.hardware)
         source = generate_source(result.graph, args.layers)
         path = write_report(args.out, args.spec, result.records, result.graph, args.hardware, source)
     print(f"wrote {path}")
@@ -126,6 +126,5 @@ def register(sub) -> None:
     p = sub.add_parser("report", help="plan and lower a spec; write one self-contained HTML page about it")
     add_spec_args(p)
     _plan_args(p)
-    p.add_argument("--pipeline", metavar="P", help="passes to run before planning, e.g. 'defer-norm,int8'")
     p.add_argument("--out", required=True, metavar="FILE.html")
     p.set_defaults(func=cmd_report)

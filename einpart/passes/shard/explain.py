@@ -34,7 +34,7 @@ from ...ir import layout as lay
 from .cost import FORBIDDEN, layout_key
 from .hardware import load_hardware
 from .phases import make_phases
-from .planner import Builder, plan_memory
+from .planner import PREP, PREPARE_WEIGHT, Builder, plan_memory
 
 TOL = 1e-12          # seconds: differences below this are ties
 
@@ -134,6 +134,7 @@ class _Flips:
                       for s, _ in graph.all_stmts() if not isinstance(s.op, g.Repeat)}
         self.assign = list(assign)
         self.weight = {p.name: p.weight for p in phases}
+        self.weight[PREP] = PREPARE_WEIGHT      # weight preparation: seconds once per load
         self.phases = phases
         self.hw, self.limit = hw, limit
         self.adj: dict[int, list] = {}
@@ -243,7 +244,8 @@ def chosen_assignment(built, planned: g.Graph, phase_graphs: dict) -> list:
         if n.kind == "decl":
             out.append(find(n, layout_key(lay.type_layout(decls[n.tensor].type), n.indices)))
             continue
-        s = stmts[n.phase][n.tensor]
+        # a prepared weight (phase "prepare") has one layout in every phase graph
+        s = stmts[n.phase if n.phase in stmts else next(iter(stmts))][n.tensor]
         out_key = layout_key(lay.type_layout(s.type), n.indices)
         if n.kind == "carry":
             out.append(find(n, out_key))
