@@ -13,7 +13,9 @@ import pytest
 from einpart.passes.shard.ilp import Solution, StrategyGraph, evaluate, peak_usage, solve
 from einpart.passes.shard.iopddl import load_iopddl, solve_iopddl_main
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "iopddl"
+_ROOT = Path(__file__).resolve().parents[1]
+DATA = next((p for p in (_ROOT.parent / "shared" / "iopddl", _ROOT.parents[1] / "shared" / "iopddl")
+             if p.is_dir()), _ROOT.parent / "shared" / "iopddl")   # a checkout, or a worktree under wt/
 F = 1e15  # forbidden
 
 
