@@ -152,7 +152,7 @@ class Builder:
         self.nodes: list[Node] = []
         self.by_label: dict[str, int] = {}
         self.edges: dict[tuple[int, int], np.ndarray] = {}
-        self.table = ReshardTable(self.pricer)
+        self.table = _reshard_table(hw, self.mesh, self.pricer)
         self.defs, self.last, self.end = schedule(graph)
         self.used_fix: set = set()
 
@@ -308,6 +308,21 @@ class Builder:
                  "strategies": int(sum(len(n.cost) for n in self.nodes)),
                  "layouts": len(self.table.layouts), "reshard_pairs": self.table.pairs, "folded": sum(1 for n in self.nodes if n.fold)}
         return Built(sg, self.nodes, self.by_label, stats)
+
+
+_TABLES: dict = {}
+
+
+def _reshard_table(hw: Hardware, mesh: tuple, pricer: Pricer) -> ReshardTable:
+    """One ReshardTable per (hardware, mesh), shared by the builders of a plan
+    (a two-phase plan builds up to six strategy graphs over the same layouts):
+    the prices depend on nothing else, so each pair is priced once."""
+    key = (hw, mesh)
+    if key not in _TABLES:
+        if len(_TABLES) >= 8:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = ReshardTable(pricer)
+    return _TABLES[key]
 
 
 def _unique(keys: list):
