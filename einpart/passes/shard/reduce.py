@@ -82,18 +82,19 @@ def _dominated_pairs(cost, mats):
             if not (lb <= 0).any():
                 return none
         a_ix, b_ix = np.nonzero(lb <= 0)
-        bound = lb[a_ix, b_ix]
-        for m, best in sorted(zip(mats, sampled), key=lambda t: t[0].shape[1]):
+        order = sorted(range(len(mats)), key=lambda e: mats[e].shape[1])
+        terms = np.array([sampled[e][a_ix, b_ix] for e in order]).reshape(len(order), len(a_ix))
+        base = cost[b_ix] - cost[a_ix]
+        for pos, e in enumerate(order):       # sampled terms become exact, cheapest edge first
             if len(a_ix) == 0:
                 return none
-            exact = np.empty(len(a_ix))
+            m = mats[e]
             step = max(1, _PAIR_CHUNK // max(m.shape[1], 1))
             for lo in range(0, len(a_ix), step):
                 sl = slice(lo, lo + step)
-                exact[sl] = _edge_gain(m[b_ix[sl]], m[a_ix[sl]])
-            bound = bound - best[a_ix, b_ix] + exact
-            keep = bound <= 0
-            a_ix, b_ix, bound = a_ix[keep], b_ix[keep], bound[keep]
+                terms[pos, sl] = _edge_gain(m[b_ix[sl]], m[a_ix[sl]])
+            keep = base + terms.sum(axis=0) <= 0    # recomputed, as terms may be -inf
+            a_ix, b_ix, base, terms = a_ix[keep], b_ix[keep], base[keep], terms[:, keep]
     dom = none
     dom[a_ix, b_ix] = True
     return dom
