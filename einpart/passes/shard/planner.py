@@ -415,8 +415,8 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     devices = math.prod(s for _, s in mesh)
     until = time.perf_counter() + time_limit
 
-    def left():      # every solve gets what is left of the one time limit
-        return max(until - time.perf_counter(), 0.0)
+    def left():      # what is left of the one time limit, and at least a quarter of it
+        return max(until - time.perf_counter(), 0.25 * time_limit)
 
     lower, cands, rounds = 0.0, [], []
     for ph in phases:
@@ -497,7 +497,7 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
         return Solved(built, sol, sol.bound, sol.gap, sol.status, rounds,
                       "" if sol.status == "optimal" else _time_note(asked, sol.gap))
     relaxed = sol.bound
-    left = max(time_limit - (time.perf_counter() - t0), 0.0)
+    left = max(time_limit - (time.perf_counter() - t0), 0.25 * time_limit)
     exact = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune).build(limit)
     rule_out_oversized(exact, limit - sum(memory_floor(exact, phases).values()))
     sol = ilp.solve(exact.sg, time_limit=left, seed=seed, workers=workers, deterministic=deterministic)
