@@ -50,12 +50,12 @@ def device():
     return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
-def run(graph, name, time_limit, workers, seed, plain, skip=()):
+def run(graph, name, time_limit, workers, seed, plain, skip=(), deterministic=False):
     t0, c0 = time.perf_counter(), time.process_time()
     if plain:
         sol = solve(graph, time_limit=time_limit, workers=workers, seed=seed, reductions=False, form="pairs")
     else:
-        sol = solve(graph, time_limit=time_limit, workers=workers, seed=seed, skip=skip)
+        sol = solve(graph, time_limit=time_limit, workers=workers, seed=seed, skip=skip, deterministic=deterministic)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     best = BEST_KNOWN.get(name)
     ok = bool(sol.assignment) and (graph.usage_limit is None or peak_usage(graph, sol.assignment) <= graph.usage_limit)
@@ -87,13 +87,15 @@ def main(argv=None):
     ap.add_argument("--data", default=str(data))
     ap.add_argument("--no-plain", action="store_true", help="skip the plain CP-SAT baseline")
     ap.add_argument("--no-ablation", action="store_true", help="skip the runs with one reduction off")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="deterministic time limits (reproducible; wall time then exceeds the limit)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/solver-<date>.json)")
     args = ap.parse_args(argv)
 
     results = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": device(),
                "versions": {"python": platform.python_version(), "ortools": ortools.__version__,
                             "numpy": np.__version__},
-               "time_limit_s": args.time_limit, "workers": args.workers, "seed": args.seed,
+               "time_limit_s": args.time_limit, "workers": args.workers, "seed": args.seed, "deterministic": args.deterministic,
                "started": _dt.datetime.now().isoformat(timespec="seconds"), "instances": {}}
     rows = []
     for name in [s.strip() for s in args.instances.split(",") if s.strip()]:
@@ -103,11 +105,13 @@ def main(argv=None):
         load_s = time.perf_counter() - t0
         entry = {"file": str(path), "nodes": len(graph.node_costs), "edges": len(graph.edges),
                  "best_known": BEST_KNOWN.get(name), "load_s": load_s}
-        entry["full"] = run(graph, name, args.time_limit, args.workers, args.seed, plain=False)
+        entry["full"] = run(graph, name, args.time_limit, args.workers, args.seed, plain=False,
+                            deterministic=args.deterministic)
         if not args.no_plain:
             entry["plain"] = run(graph, name, args.time_limit, args.workers, args.seed, plain=True)
         for red in () if args.no_ablation else ABLATIONS:
-            entry[f"-{red}"] = run(graph, name, args.time_limit, args.workers, args.seed, plain=False, skip=(red,))
+            entry[f"-{red}"] = run(graph, name, args.time_limit, args.workers, args.seed, plain=False, skip=(red,),
+                                   deterministic=args.deterministic)
         results["instances"][name] = entry
         for kind in ("full", "plain") + tuple(f"-{r}" for r in ABLATIONS):
             if kind not in entry:
