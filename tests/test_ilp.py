@@ -289,9 +289,13 @@ def _dominated_by_definition(cost, mats):
     return dom
 
 
+@pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("seed", range(12))
-def test_dominance_test_matches_the_definition(seed):
+def test_dominance_test_matches_the_definition(seed, sampled, monkeypatch):
+    from einpart.passes.shard import reduce as red
     from einpart.passes.shard.reduce import _dominated_pairs
+    if sampled:      # the sampled-columns path, which only large nodes take otherwise
+        monkeypatch.setattr(red, "_FULL_TEST_MAX", 0)
     rng = np.random.default_rng(seed)
     k = int(rng.integers(2, 14))
     cost = rng.integers(0, 6, k).astype(float)

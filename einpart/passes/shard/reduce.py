@@ -44,6 +44,7 @@ class Infeasible(Exception):
 
 _SAMPLE_COLUMNS = 6     # columns per edge in the necessary test of dominance
 _PAIR_CHUNK = 1 << 22   # pair x column entries per block of the exact test
+_FULL_TEST_MAX = 1 << 21   # k x k x columns up to which every pair is tested at once (no sampling)
 
 
 def _edge_gain(m_b, m_a):
@@ -51,8 +52,8 @@ def _edge_gain(m_b, m_a):
     (m_a inf) never counts against b and one that only b forbids is +inf."""
     with np.errstate(invalid="ignore"):
         diff = m_b - m_a
-    diff[np.isinf(m_a)] = -INF
-    return diff.max(axis=1)
+    diff[np.broadcast_to(np.isinf(m_a), diff.shape)] = -INF
+    return diff.max(axis=-1)
 
 
 def _dominated_pairs(cost, mats):
@@ -64,6 +65,13 @@ def _dominated_pairs(cost, mats):
     by edge, dropping every pair whose bound turns positive."""
     k = len(cost)
     none = np.zeros((k, k), bool)
+    if k * k * sum(m.shape[1] for m in mats) <= _FULL_TEST_MAX:   # small: sampling would not pay
+        d = cost[None, :] - cost[:, None]
+        with np.errstate(invalid="ignore"):
+            for m in mats:
+                d = d + _edge_gain(m[None, :, :], m[:, None, :])
+        np.fill_diagonal(d, INF)
+        return d <= 0
     lb = cost[None, :] - cost[:, None]          # lb[a, b]: a lower bound of the exact sum
     np.fill_diagonal(lb, INF)
     sampled = []
