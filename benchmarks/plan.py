@@ -103,14 +103,15 @@ def main(argv=None) -> int:
                              "cast{dtype=bf16}").graph
         t_parse = time.perf_counter() - t0
         for phase in args.phases:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             p = plan(graph, args.mesh, args.hardware, phase, batch=args.batch, context=args.context,
                      prompt=args.prompt, steps=args.steps, time_limit=args.time_limit, workers=args.workers)
-            wall = time.perf_counter() - t0
-            row = {"layers": layers, "phase": phase, "wall_s": wall, "parse_s": t_parse, "status": p.status,
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            row = {"layers": layers, "phase": phase, "wall_s": wall, "cpu_s": cpu, "parse_s": t_parse,
+                   "status": p.status, "note": p.note, "solver_times_s": p.stats.get("solver", {}).get("time_s"),
                    "gap": p.gap, "objective": p.objective, "bound": p.bound,
-                   "nodes": p.stats["nodes"], "strategies": p.stats["strategies"], "edges": p.stats["edges"],
-                   "rounds": p.stats["rounds"],
+                   "nodes": p.stats.get("nodes"), "strategies": p.stats.get("strategies", 0),
+                   "edges": p.stats.get("edges"), "rounds": p.stats.get("rounds"),
                    "phases": {k: {"step_s": r.step_s, "mfu": r.mfu, "memory_bytes": r.memory_bytes,
                                   "weights_bytes": r.weights_bytes, "kv_bytes": r.kv_bytes,
                                   "activation_bytes": r.activation_bytes} for k, r in p.phases.items()}}
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
             steps = ", ".join(f"{k} {v['step_s'] * (1e3 if k == 'decode' else 1):.4g} "
                               f"{'ms' if k == 'decode' else 's'} (MFU {100 * v['mfu']:.0f}%)"
                               for k, v in row["phases"].items())
-            print(f"L={layers:<4} {phase:<8} {wall:6.2f} s  {p.status:<8} gap {p.gap:.2%}  "
+            print(f"L={layers:<4} {phase:<8} {wall:6.2f} s wall {cpu:6.2f} s cpu  {p.status:<8} gap {p.gap:.2%}  "
                   f"{row['strategies']:>6} strategies  {steps}", flush=True)
     result = {"benchmark": "plan", "command": " ".join([sys.executable] + sys.argv), "device": device(),
               "versions": versions(), "args": vars(args), "results": rows,

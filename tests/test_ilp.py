@@ -13,7 +13,9 @@ import pytest
 from einpart.passes.shard.ilp import Solution, StrategyGraph, evaluate, peak_usage, solve
 from einpart.passes.shard.iopddl import load_iopddl, solve_iopddl_main
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "iopddl"
+_ROOT = Path(__file__).resolve().parents[1]
+DATA = next((p for p in (_ROOT.parent / "shared" / "iopddl", _ROOT.parents[1] / "shared" / "iopddl")
+             if p.is_dir()), _ROOT.parent / "shared" / "iopddl")   # a checkout, or a worktree under wt/
 F = 1e15  # forbidden
 
 
@@ -265,3 +267,71 @@ def test_unreadable_file(tmp_path, capsys):
     p = tmp_path / "nope.json"
     assert solve_iopddl_main(str(p), time_limit=1) == 1
     assert capsys.readouterr().err == f"error: {p}: cannot read file: No such file or directory\n"
+
+
+# ---- dominance, ablation switches, time limit -------------------------------------
+
+def _dominated_by_definition(cost, mats):
+    """dom[a, b] straight from the definition: cost_b - cost_a + sum_e max_j (M[b,j] - M[a,j]) <= 0,
+    a column that a forbids never counting (b may then be anything there)."""
+    k = len(cost)
+    dom = np.zeros((k, k), bool)
+    for a in range(k):
+        for b in range(k):
+            if a == b:
+                continue
+            total = cost[b] - cost[a]
+            with np.errstate(invalid="ignore"):       # -inf + inf: not dominated
+                for m in mats:
+                    cols = [j for j in range(m.shape[1]) if np.isfinite(m[a, j])]
+                    total += max((m[b, j] - m[a, j] for j in cols), default=-np.inf)
+            dom[a, b] = total <= 0
+    return dom
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_dominance_test_matches_the_definition(seed, sampled, monkeypatch):
+    from einpart.passes.shard import reduce as red
+    from einpart.passes.shard.reduce import _dominated_pairs
+    if sampled:      # the sampled-columns path, which only large nodes take otherwise
+        monkeypatch.setattr(red, "_FULL_TEST_MAX", 0)
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 14))
+    cost = rng.integers(0, 6, k).astype(float)
+    mats = []
+    for _ in range(int(rng.integers(1, 4))):
+        m = rng.integers(0, 4, (k, int(rng.integers(1, 12)))).astype(float)
+        m[rng.random(m.shape) < 0.15] = np.inf
+        m[rng.integers(0, k)] = m[rng.integers(0, k)]          # duplicate rows: ties
+        mats.append(m)
+    np.testing.assert_array_equal(_dominated_pairs(cost, mats), _dominated_by_definition(cost, mats))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 5, 6])
+def test_every_reduction_can_be_switched_off_and_the_optimum_stays(seed):
+    from einpart.passes.shard.reduce import REDUCTIONS
+    g = random_graph(seed)
+    best, _ = brute(g)
+    for red in REDUCTIONS + ("bound",):
+        sol = solve(g, time_limit=10, skip=(red,))
+        if np.isinf(best):
+            assert sol.status == "infeasible", red
+        else:
+            assert sol.status == "optimal" and sol.objective == best, red
+    with pytest.raises(ValueError) as e:
+        solve(g, skip=("magic",))
+    assert str(e.value) == "unknown reduction 'magic' (known: dominance, leaf_pareto, merge, eliminate)"
+
+
+def test_time_limit_spent_returns_what_it_has():
+    """No time left after the reductions: no search runs; with a feasible hint
+    that is the answer ('feasible', bound below it), without one 'unknown'."""
+    g = random_graph(26, n=18, kmax=5, pe=0.25, pfun=0.05, pforb=0.02)
+    full = solve(g, time_limit=20)
+    assert full.status == "optimal" and full.stats["after"]["nodes"] > 0   # the reductions alone do not solve it
+    sol = solve(g, time_limit=0)
+    assert sol.status == "unknown" and sol.assignment == [] and sol.stats["time_limit_hit"] == "after the reductions"
+    hinted = solve(g, time_limit=0, hint=full.assignment)
+    assert hinted.status == "feasible" and hinted.objective == full.objective
+    assert hinted.bound <= full.objective and hinted.gap >= 0

@@ -252,3 +252,46 @@ def test_cli_solve_iopddl(capsys, tmp_path):
         json.dump(problem, fh)
     assert run_cli("solve-iopddl", str(f), "--time-limit", "5") == 0
     assert "tiny" in capsys.readouterr().out
+
+
+# ------------------------------------------------------- solver limits
+def test_time_limit_returns_best_with_gap():
+    """A time limit too short to prove the memory-limited decode plan optimal:
+    the best plan found comes back as 'feasible' with its gap, and the note says
+    so. Deterministic time, so the outcome does not depend on the machine's load."""
+    p = plan(palm(), "x=4,y=4,z=4", "tpu-v4", "decode", batch=64, context=2048, memory_limit=20e9,
+             time_limit=1, deterministic=True)
+    assert p.status == "feasible"
+    assert 0 < p.gap < 0.01 and p.bound < p.objective
+    assert p.note == f"time limit (1 s) hit: best plan found, gap {p.gap:.3g}"
+    assert p.phases["decode"].memory_bytes <= 20e9
+    assert p.objective == pytest.approx(p.stats["objective_repriced"], rel=1e-6)
+
+
+def test_no_solution_in_time_falls_back_to_simple_plan(capsys):
+    """No plan found at all in time (the limit is spent before the memory-limited
+    search starts): the plan is codegen's simple plan, priced, and both the plan's
+    note and `einpart plan` say so."""
+    from einpart.codegen.plans import simple_plan
+    from einpart.passes.shard.phases import make_phases, sized
+    limit = plan(tiny(), "x=2,y=4", "tpu-v4", "decode", memory_limit=None).phases["decode"].memory_bytes * 0.8
+    p = plan(tiny(), "x=2,y=4", "tpu-v4", "decode", memory_limit=limit, time_limit=1e-4)
+    assert p.status == "fallback" and p.gap == float("inf")
+    assert p.note == ("the solver found no plan that fits in memory within its time limit (0.0001 s): "
+                      "fell back to the simple plan (1D tensor parallel)")
+    ph, = make_phases(tiny(), "decode")
+    want = simple_plan(sized(tiny(), ph), {"x": 2, "y": 4})
+    assert decl_layouts(p) == {d.name: lay.type_layout(d.type) for d, _ in want.all_decls()}
+    assert {s.name: lay.stmt_split(s) for s, _ in p.graph.all_stmts() if not isinstance(s.op, g.Repeat)} == \
+        {s.name: lay.stmt_split(s) for s, _ in want.all_stmts() if not isinstance(s.op, g.Repeat)}
+    assert p.objective == pytest.approx(p.phases["decode"].step_s)
+    assert run_cli("plan", "examples/palm.ein", "--mesh", "x=2,y=4", "--hardware", "tpu-v4", "--phase", "decode",
+                   "--memory-limit", repr(limit), "--time-limit", "0.0001") == 0
+    out = capsys.readouterr().out
+    assert "solver: fallback, gap inf (the solver found no plan that fits in memory within its time limit " \
+           "(0.0001 s): fell back to the simple plan (1D tensor parallel))" in out
+    assert run_cli("plan", "examples/palm.ein", "--mesh", "x=2,y=4", "--hardware", "tpu-v4", "--phase", "both",
+                   "--time-limit", "0.0001", "--memory-limit", repr(limit), "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["solver"]["status"] == "fallback" and data["solver"]["gap"] is None
+    assert "fell back to the simple plan" in data["solver"]["note"]

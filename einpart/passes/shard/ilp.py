@@ -42,8 +42,9 @@ workers not even run to run).  ``deterministic=True`` sets
 ``interleave_search`` (documented in sat_parameters.proto as deterministic
 independently of num_workers), gives every CP-SAT call a deterministic time
 limit (``max_deterministic_time``; the final call gets ``time_limit`` of it,
+the quick call 0.15 and each soft-memory round 0.1 of it, at most 2 units;
 so wall time may exceed ``time_limit``), runs exactly three soft-memory
-rounds, and keeps a wall-clock safety cap of ``4*limit+10`` s per call which,
+rounds, never skips a step for lack of wall time, and keeps a wall-clock safety cap of ``4*limit+10`` s per call which,
 if it ever triggers, breaks reproducibility.
 """
 from __future__ import annotations
@@ -343,7 +344,7 @@ def _quick_cpsat(work, graph, best, limit, workers, seed, deterministic, form):
     return ("optimal" if proved else "feasible"), full
 
 
-def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, deterministic, form, stats):
+def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, deterministic, form, stats, share=20.0):
     """Soft-memory rounds (Lagrangian relaxation of the memory constraints).
 
     Each round adds lam_c * usage to the node costs, drops the memory limit
@@ -378,7 +379,7 @@ def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, determini
             model = _Model(wi, form=form)
             if start:
                 model.hint(start)
-            st, solver = _cpsat(model, 2.0 if deterministic else min(4.0, 0.5 * left),
+            st, solver = _cpsat(model, min(2.0, 0.1 * share) if deterministic else min(4.0, 0.5 * left),
                                 workers, seed, deterministic)
             if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
                 stats.setdefault("penalty_rounds", []).append({"inner_status": solver.status_name(st)})
@@ -432,7 +433,7 @@ def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, determini
 def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, workers: int = 2,
           reductions: bool = True, hint=None, heuristic: bool | None = None,
           deterministic: bool = False, log: bool = False, params: dict | None = None,
-          form: str = "enforced", penalty_share: float = 0.5) -> Solution:
+          form: str = "enforced", penalty_share: float = 0.5, skip=()) -> Solution:
     """Minimise the cost of a strategy assignment (see module docstring).
 
     ``reductions=False`` gives the plain CP-SAT model (only forbidden strategies
@@ -441,7 +442,13 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
     limit, the soft-memory rounds for up to ``penalty_share`` of the time.
     ``hint`` is a full assignment in original numbering; if feasible it seeds
     the search.  ``form`` picks the edge formulation ("enforced" or "pairs").
-    ``params`` sets extra CP-SAT parameters by name.
+    ``params`` sets extra CP-SAT parameters by name.  ``skip`` turns reductions
+    off by name (``reduce.REDUCTIONS``, and "bound" for the pruning by the best
+    cost found), for measuring what each one buys.
+
+    Time: without ``deterministic``, a search step that would start after
+    ``time_limit`` is skipped; the answer is then the best assignment found
+    ("feasible", with the bound so far) or none ("unknown").
     """
     t0 = time.perf_counter()
     validate(graph)
@@ -460,13 +467,26 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
         return Solution(list(x) if x is not None else [], obj, bound, gap, status,
                         time.perf_counter() - t0, stats)
 
+    until = t0 + time_limit
+
+    def out_of_time():
+        return not deterministic and time.perf_counter() >= until
+
+    def stopped():
+        """The answer when the time is up before the search could run: the best
+        assignment so far (or none) with the bound the reductions give."""
+        bound = max(lag_lb, work.lower_bound() if work is not None else -math.inf)
+        if work is not None:
+            stats["after"], stats["removed"] = work.counts(), dict(work.removed)
+        return done("feasible" if best is not None else "unknown", best, min(bound, best_obj))
+
     best, best_obj, lag_lb = None, math.inf, -math.inf
     if hint is not None and _feasible(graph, list(hint)):
         best, best_obj = list(hint), evaluate(graph, hint)
     work = None
     try:
         work = Work(graph.node_costs, graph.node_usages, graph.intervals, graph.edges,
-                    graph.edge_costs, graph.usage_limit)
+                    graph.edge_costs, graph.usage_limit, skip=set(skip) - {"bound"})
         stats["before"] = {"nodes": len(graph.node_costs), "edges": len(graph.edges),
                            "strategies": int(sum(len(c) for c in graph.node_costs))}
         if reductions:
@@ -475,6 +495,14 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
             work.drop_forbidden()
         t1 = time.perf_counter()
         times["reduce"] = t1 - t0
+        if not work.nodes():      # the reductions solved it
+            stats["after"], stats["removed"] = work.counts(), dict(work.removed)
+            stats["reduce_phases_s"] = dict(work.times)
+            full = work.reconstruct({})
+            return done("optimal", full) if _feasible(graph, full) else done("infeasible")
+        if out_of_time():
+            stats["time_limit_hit"] = "after the reductions"
+            return stopped()
         if heuristic:
             def improve(x):
                 nonlocal best, best_obj
@@ -484,19 +512,19 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
                         best, best_obj = full, evaluate(graph, full)
 
             def prune():
-                if best is not None and reductions and work.prune_by_bound(best_obj):
+                if best is not None and reductions and "bound" not in skip and work.prune_by_bound(best_obj):
                     work.run()
 
             improve(local_search(work, _to_partial(work, best) if best else None, seed=seed,
-                                 t_cap=None if deterministic else 0.2 * time_limit))
+                                 t_cap=None if deterministic else min(0.2 * time_limit, until - t1)))
             stats["heuristic_cost"] = best_obj
             prune()
             t2 = time.perf_counter()
             times["local_search"] = t2 - t1
-            if work.counts()["strategies"] >= _PENALTY_MIN_STRATEGIES:
+            if work.counts()["strategies"] >= _PENALTY_MIN_STRATEGIES and not out_of_time():
                 # a short plain CP-SAT run first: easy instances are proved here
                 tq = time.perf_counter()
-                quick = _quick_cpsat(work, graph, best, 2.0 if deterministic else min(0.15 * time_limit, 10.0),
+                quick = _quick_cpsat(work, graph, best, min(0.15 * time_limit, 2.0 if deterministic else 10.0),
                                      workers, seed, deterministic, form)
                 times["quick_cpsat"] = time.perf_counter() - tq
                 if quick is not None:
@@ -511,7 +539,7 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
                     prune()
                 best, best_obj, lag_lb = _penalty_rounds(
                     work, graph, best, best_obj, t0 + penalty_share * time_limit, workers, seed,
-                    deterministic, form, stats)
+                    deterministic, form, stats, time_limit)
             stats["penalty_cost"] = best_obj
             prune()
             improve(local_search(work, _to_partial(work, best) if best else None, seed=seed + 1,
@@ -532,6 +560,9 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
     if not work.nodes():  # everything eliminated: the reductions solved it
         full = work.reconstruct({})
         return done("optimal", full) if _feasible(graph, full) else done("infeasible")
+    if out_of_time():
+        stats["time_limit_hit"] = "before CP-SAT"
+        return stopped()
     try:
         model = _Model(work, form=form)
     except Infeasible as exc:

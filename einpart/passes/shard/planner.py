@@ -177,7 +177,7 @@ class Builder:
         self.nodes: list[Node] = []
         self.by_label: dict[str, int] = {}
         self.edges: dict[tuple[int, int], np.ndarray] = {}
-        self.table = ReshardTable(self.pricer)
+        self.table = _reshard_table(hw, self.mesh, self.pricer)
         self.defs, self.last, self.end = schedule(graph)
         self.used_fix: set = set()
         self.prepared = param_only(graph)
@@ -376,6 +376,21 @@ class Builder:
         return Built(sg, self.nodes, self.by_label, stats)
 
 
+_TABLES: dict = {}
+
+
+def _reshard_table(hw: Hardware, mesh: tuple, pricer: Pricer) -> ReshardTable:
+    """One ReshardTable per (hardware, mesh), shared by the builders of a plan
+    (a two-phase plan builds up to six strategy graphs over the same layouts):
+    the prices depend on nothing else, so each pair is priced once."""
+    key = (hw, mesh)
+    if key not in _TABLES:
+        if len(_TABLES) >= 8:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = ReshardTable(pricer)
+    return _TABLES[key]
+
+
 def _unique(keys: list):
     """(distinct keys in first-seen order, index of each key among them)."""
     index: dict = {}
@@ -430,6 +445,15 @@ def memory_error(floor: dict, limit: float, hw: Hardware, devices: int, why: str
     return PlanError(msg + (f": {why}" if why else ""))
 
 
+class NoPlanInTime(PlanError):
+    """The solver found no plan at all within its time limit (the shard pass
+    then falls back to the simple plan)."""
+
+
+def _time_note(time_limit: float, gap: float) -> str:
+    return f"time limit ({time_limit:g} s) hit: best plan found, gap {gap:.3g}"
+
+
 @dataclass
 class Solved:
     built: Built
@@ -443,7 +467,7 @@ class Solved:
 
 def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: float | None,
                time_limit: float, workers: int, fix: dict | None, prune: bool, seed: int,
-               memory_of) -> Solved:
+               memory_of, deterministic: bool = False) -> Solved:
     """One phase: solve_phase. Prefill and decode together: the phases share only
     the declarations (weights, KV cache), and the joint strategy graph is much
     harder for the solver than either phase alone. So each phase is solved on
@@ -452,8 +476,14 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     pinned to each phase's choice (small and fast), and the best joint plan is
     kept with its gap to that bound (0 when a phase's weights suit both)."""
     if len(phases) == 1:
-        return solve_phase(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed, memory_of)
+        return solve_phase(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed, memory_of,
+                           deterministic=deterministic)
     devices = math.prod(s for _, s in mesh)
+    until = time.perf_counter() + time_limit
+
+    def left():      # what is left of the one time limit, and at least a quarter of it
+        return max(until - time.perf_counter(), 0.25 * time_limit)
+
     lower, cands, rounds = 0.0, [], []
     for ph in phases:
         built = Builder(graph, mesh, hw, [ph], fix, fold=True, prune=prune).build(None)
@@ -462,11 +492,12 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
             if sum(floor.values()) > limit:
                 raise memory_error(floor, limit, hw, devices)
             rule_out_oversized(built, limit - sum(floor.values()))
-        sol = ilp.solve(built.sg, time_limit=time_limit, seed=seed, workers=workers)
+        sol = ilp.solve(built.sg, time_limit=left(), seed=seed, workers=workers, deterministic=deterministic)
         rounds.append({"model": f"{ph.name} alone (bound)", "status": sol.status, "objective": sol.objective,
                        "bound": sol.bound, "wall_s": sol.wall_s, **built.stats})
         if sol.status in ("infeasible", "unknown"):
-            return solve_phase(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed, memory_of)
+            return solve_phase(graph, mesh, hw, phases, limit, left(), workers, fix, prune, seed, memory_of,
+                               time_limit, deterministic)
         lower += sol.bound
         sizes = dict(mesh)
         cand = {}
@@ -487,34 +518,42 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     best = None
     for cand in cands:
         try:
-            got = solve_phase(graph, mesh, hw, phases, limit, time_limit, workers, {**cand, **(fix or {})},
-                              prune, seed, memory_of)
+            got = solve_phase(graph, mesh, hw, phases, limit, left(), workers, {**cand, **(fix or {})},
+                              prune, seed, memory_of, time_limit, deterministic)
+        except NoPlanInTime:
+            if best is None and cand is cands[-1]:
+                raise
+            continue
         except PlanError:
             continue
         rounds += [dict(r, model=f"joint, weights pinned ({r['model']})") for r in got.rounds]
         if best is None or got.solution.objective < best.solution.objective:
             best = got
     if best is None:      # no phase's weights serve both: the joint model, as it is
-        best = solve_phase(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed, memory_of)
+        best = solve_phase(graph, mesh, hw, phases, limit, left(), workers, fix, prune, seed, memory_of,
+                           time_limit, deterministic)
         rounds += best.rounds
         lower = max(lower, best.bound)
     obj = best.solution.objective
     gap = max(0.0, (obj - lower) / max(abs(obj), 1e-30))
     proved = best.status == "optimal" and gap <= 1e-9
-    note = "" if proved else "gap to the phases' separate optima (weights shared by both)"
+    note = "" if proved else best.note or "gap to the phases' separate optima (weights shared by both)"
     return Solved(best.built, best.solution, min(lower, obj), 0.0 if proved else gap,
                   "optimal" if proved else "feasible", rounds, note)
 
 
 def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: float | None,
                 time_limit: float, workers: int, fix: dict | None, prune: bool, seed: int,
-                memory_of) -> Solved:
+                memory_of, asked: float | None = None, deterministic: bool = False) -> Solved:
     """Solve without the memory limit first (folded, small, usually solved by the
     reductions alone); if that plan fits it is optimal for the limited problem
     too. Otherwise solve the exact model (every reduce-scatter variant its own
     strategy) with the limit; the unlimited optimum stays a lower bound.
-    `memory_of(built, assignment)` returns the bytes per device of a plan."""
+    `memory_of(built, assignment)` returns the bytes per device of a plan;
+    `asked` is the time limit the user gave (for messages) when time_limit is
+    what is left of it."""
     devices = math.prod(s for _, s in mesh)
+    asked = time_limit if asked is None else asked
     t0 = time.perf_counter()
     built = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune).build(None)
     if limit is not None:
@@ -522,34 +561,33 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
         if sum(floor.values()) > limit:
             raise memory_error(floor, limit, hw, devices)
         rule_out_oversized(built, limit - sum(floor.values()))
-    sol = ilp.solve(built.sg, time_limit=time_limit, seed=seed, workers=workers)
+    sol = ilp.solve(built.sg, time_limit=time_limit, seed=seed, workers=workers, deterministic=deterministic)
     rounds = [{"model": "unlimited", "status": sol.status, "objective": sol.objective, "bound": sol.bound,
                "wall_s": sol.wall_s, **built.stats}]
     if sol.status == "infeasible":
         raise PlanError("no plan exists: every combination of layouts is ruled out "
                         "(a fixed layout may conflict with the cache or the layer carry)")
     if sol.status == "unknown":
-        raise PlanError(f"the solver found no plan within its time limit ({time_limit:g} s); raise --time-limit")
+        raise NoPlanInTime(f"the solver found no plan within its time limit ({asked:g} s)")
     if limit is None or memory_of(built, sol.assignment) <= limit:
         return Solved(built, sol, sol.bound, sol.gap, sol.status, rounds,
-                      "" if sol.status == "optimal" else "time limit hit: best plan found")
+                      "" if sol.status == "optimal" else _time_note(asked, sol.gap))
     relaxed = sol.bound
     left = max(time_limit - (time.perf_counter() - t0), 0.25 * time_limit)
     exact = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune).build(limit)
     rule_out_oversized(exact, limit - sum(memory_floor(exact, phases).values()))
-    sol = ilp.solve(exact.sg, time_limit=left, seed=seed, workers=workers)
+    sol = ilp.solve(exact.sg, time_limit=left, seed=seed, workers=workers, deterministic=deterministic)
     rounds.append({"model": "memory-limited", "status": sol.status, "objective": sol.objective,
                    "bound": sol.bound, "wall_s": sol.wall_s, **exact.stats})
     if sol.status == "infeasible":
         raise memory_error(memory_floor(exact, phases), limit, hw, devices,
                            "no combination of layouts fits, although each class alone could")
     if sol.status == "unknown":
-        raise PlanError(f"the solver found no plan that fits in memory within its time limit "
-                        f"({time_limit:g} s); raise --time-limit")
+        raise NoPlanInTime(f"the solver found no plan that fits in memory within its time limit ({asked:g} s)")
     bound = max(sol.bound, relaxed) if sol.status != "optimal" else sol.objective
-    gap = 0.0 if sol.status == "optimal" else (sol.objective - bound) / max(abs(sol.objective), 1e-30)
-    return Solved(exact, sol, bound, max(gap, 0.0), sol.status, rounds,
-                  "" if sol.status == "optimal" else "time limit hit: best plan found")
+    gap = 0.0 if sol.status == "optimal" else max((sol.objective - bound) / max(abs(sol.objective), 1e-30), 0.0)
+    return Solved(exact, sol, bound, gap, sol.status, rounds,
+                  "" if sol.status == "optimal" else _time_note(asked, gap))
 
 
 def plan_memory(built: Built, assign: list, phases: list[Phase]) -> float:

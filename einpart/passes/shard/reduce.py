@@ -42,13 +42,86 @@ class Infeasible(Exception):
     """Raised by reductions when no assignment can satisfy the constraints."""
 
 
+_SAMPLE_COLUMNS = 6     # columns per edge in the necessary test of dominance
+_PAIR_CHUNK = 1 << 22   # pair x column entries per block of the exact test
+_FULL_TEST_MAX = 1 << 21   # k x k x columns up to which every pair is tested at once (no sampling)
+
+
+def _edge_gain(m_b, m_a):
+    """max_j (m_b[., j] - m_a[., j]) row by row, where a column that a forbids
+    (m_a inf) never counts against b and one that only b forbids is +inf."""
+    with np.errstate(invalid="ignore"):
+        diff = m_b - m_a
+    diff[np.broadcast_to(np.isinf(m_a), diff.shape)] = -INF
+    return diff.max(axis=-1)
+
+
+def _dominated_pairs(cost, mats):
+    """dom[a, b]: switching strategy a to b never raises the cost, whatever
+    the neighbours choose (cost[b] - cost[a] + sum_e max_j (M_e[b,j] - M_e[a,j]) <= 0).
+
+    A lower bound of each edge's term comes from a few sampled columns (k x k
+    work per column); the pairs it does not rule out get the exact term edge
+    by edge, dropping every pair whose bound turns positive."""
+    k = len(cost)
+    none = np.zeros((k, k), bool)
+    if k * k * sum(m.shape[1] for m in mats) <= _FULL_TEST_MAX:   # small: sampling would not pay
+        d = cost[None, :] - cost[:, None]
+        with np.errstate(invalid="ignore"):
+            for m in mats:
+                d = d + _edge_gain(m[None, :, :], m[:, None, :])
+        np.fill_diagonal(d, INF)
+        return d <= 0
+    lb = cost[None, :] - cost[:, None]          # lb[a, b]: a lower bound of the exact sum
+    np.fill_diagonal(lb, INF)
+    sampled = []
+    with np.errstate(invalid="ignore"):
+        for m in mats:
+            spread = np.ptp(np.where(np.isfinite(m), m, 0.0), axis=0)   # columns that tell rows apart
+            cols = np.unique(np.concatenate([np.argsort(-spread, kind="stable")[:_SAMPLE_COLUMNS // 2],
+                                             np.linspace(0, m.shape[1] - 1, _SAMPLE_COLUMNS // 2).astype(int)]))
+            best = np.full((k, k), -INF)
+            for col in m[:, cols].T:
+                d = col[None, :] - col[:, None]
+                d[np.broadcast_to(np.isinf(col)[:, None], d.shape)] = -INF
+                np.maximum(best, d, out=best)
+            lb += best
+            sampled.append(best)
+            if not (lb <= 0).any():
+                return none
+        a_ix, b_ix = np.nonzero(lb <= 0)
+        order = sorted(range(len(mats)), key=lambda e: mats[e].shape[1])
+        terms = np.array([sampled[e][a_ix, b_ix] for e in order]).reshape(len(order), len(a_ix))
+        base = cost[b_ix] - cost[a_ix]
+        for pos, e in enumerate(order):       # sampled terms become exact, cheapest edge first
+            if len(a_ix) == 0:
+                return none
+            m = mats[e]
+            step = max(1, _PAIR_CHUNK // max(m.shape[1], 1))
+            for lo in range(0, len(a_ix), step):
+                sl = slice(lo, lo + step)
+                terms[pos, sl] = _edge_gain(m[b_ix[sl]], m[a_ix[sl]])
+            keep = base + terms.sum(axis=0) <= 0    # recomputed, as terms may be -inf
+            a_ix, b_ix, base, terms = a_ix[keep], b_ix[keep], base[keep], terms[:, keep]
+    dom = none
+    dom[a_ix, b_ix] = True
+    return dom
+
+
 def _fin(a):
     a = np.asarray(a, dtype=np.float64)
     return np.where(a >= FORBIDDEN, INF, a)
 
 
+REDUCTIONS = ("dominance", "leaf_pareto", "merge", "eliminate")   # the ones `skip` can turn off
+
+
 class Work:
-    def __init__(self, node_costs, node_usages, intervals, edges, edge_costs, usage_limit):
+    def __init__(self, node_costs, node_usages, intervals, edges, edge_costs, usage_limit, skip=()):
+        unknown = set(skip) - set(REDUCTIONS)
+        if unknown:
+            raise ValueError(f"unknown reduction {sorted(unknown)[0]!r} (known: {', '.join(REDUCTIONS)})")
+        self.skip = frozenset(skip)
         n = len(node_costs)
         self.n = n
         self.alive = [True] * n
@@ -274,28 +347,27 @@ class Work:
         choice of the neighbours, switching a->b does not raise the cost
         (cost_b - cost_a + sum_e max_j (M_e[b,j] - M_e[a,j]) <= 0) and, for a
         memory-relevant node, use_b <= use_a.  This relation is transitive, so
-        removing sequentially is exact; identical strategies merge."""
+        removing sequentially is exact; identical strategies merge.
+
+        The full test is O(k^2 m) per edge (k strategies, m neighbour
+        strategies); it runs only on the pairs that pass a necessary test over
+        a few sampled columns of every edge (O(k^2) per edge), so its cost
+        follows the (usually small) number of near-dominated pairs."""
         changed = False
         todo, self.dirty = sorted(i for i in self.dirty if self.alive[i]), set()
         for i in todo:
             k = len(self.strat[i])
             if k <= 1 or not np.isfinite(self.cost[i]).all():
                 continue
-            d = self.cost[i][None, :] - self.cost[i][:, None]  # d[a, b]
-            with np.errstate(invalid="ignore"):
-                for eid in self.adj[i].values():
-                    m = self.mat(eid, i)
-                    diff = m[None, :, :] - m[:, None, :]
-                    diff[np.broadcast_to(np.isinf(m)[:, None, :], diff.shape)] = -INF
-                    d += diff.max(axis=2)
+            mats = [self.mat(eid, i) for eid in self.adj[i].values()]
+            dom = _dominated_pairs(self.cost[i], mats)
             if mem is not None and not mem[2][i]:
-                d[~self._usage_le(i).T] = INF
-            np.fill_diagonal(d, INF)
-            dom = d <= 0
+                dom &= self._usage_le(i).T
+            np.fill_diagonal(dom, False)
             if not dom.any():
                 continue
             mask = np.ones(k, bool)
-            for a in range(k):
+            for a in np.flatnonzero(dom.any(axis=1)):
                 if (dom[a] & mask).any():
                     mask[a] = False
             changed |= self.keep(i, mask, "strategies_dominated")
@@ -398,7 +470,7 @@ class Work:
         return changed
 
     def run(self):
-        """Apply all reductions until nothing changes."""
+        """Apply all reductions (but those in ``skip``) until nothing changes."""
         while True:
             changed = False
             for name, fn in (("normalize", self.normalize), ("prune", self.prune),
@@ -411,6 +483,8 @@ class Work:
             self.times["memory"] += time.perf_counter() - t0
             for name, fn in (("dominance", self.dominance), ("leaf_pareto", self.leaf_pareto),
                              ("merge", lambda _: self.merge_functional()), ("eliminate", self.eliminate)):
+                if name in self.skip:
+                    continue
                 t0 = time.perf_counter()
                 changed |= fn(mem)
                 self.times[name] += time.perf_counter() - t0

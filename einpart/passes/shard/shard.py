@@ -39,7 +39,7 @@ PHASE_KEYS = ("split", "layout", "comm", "us")
 class Plan:
     graph: g.Graph                      # annotated (phase=both: decode types, per-phase attributes)
     phases: dict                        # phase name -> PhaseReport
-    status: str                         # optimal | feasible
+    status: str                         # optimal | feasible | fallback (no plan found in time)
     objective: float                    # weighted seconds (prefill + steps * decode)
     bound: float
     gap: float
@@ -50,9 +50,11 @@ class Plan:
     note: str = ""                      # why the status is not "optimal"
 
     def to_json(self) -> dict:
+        def num(x):           # JSON has no infinity: an unknown bound / gap is null
+            return x if math.isfinite(x) else None
         return {"mesh": [list(a) for a in self.mesh], "hardware": self.hardware,
-                "solver": {"status": self.status, "objective": self.objective, "bound": self.bound,
-                           "gap": self.gap, "note": self.note},
+                "solver": {"status": self.status, "objective": num(self.objective), "bound": num(self.bound),
+                           "gap": num(self.gap), "note": self.note},
                 "timings_s": self.timings, "stats": self.stats,
                 "phases": {k: v.to_json() for k, v in self.phases.items()}}
 
@@ -167,7 +169,8 @@ def specialize(graph: g.Graph, phase: str) -> g.Graph:
 
 def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int = 0, context: int = 0,
          prompt: int = 0, steps: int = 64, memory_limit: float | None = 0.0, time_limit: float = 10.0,
-         workers: int = 2, fix: dict | None = None, seed: int = 0, prune: bool = True) -> Plan:
+         workers: int = 2, fix: dict | None = None, seed: int = 0, prune: bool = True,
+         deterministic: bool = False) -> Plan:
     """Plan a graph: build the strategy graph, solve it, annotate, price.
 
     memory_limit: bytes per device; 0 = the hardware's HBM capacity; None or
@@ -176,6 +179,9 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     statement's split (or (split, result layout)), e.g.
     {"w_gate": {"d": ("x",), "f": ("y", "z")}, "decode:gate": {"f": ("y", "z")}}.
     prune: keep rope pair indices whole everywhere (planner.Builder).
+    deterministic: every CP-SAT call stops on deterministic time (time_limit of
+    it for the final one), so the plan does not depend on the machine's load;
+    wall time may then exceed time_limit (ilp.solve).
     """
     t0 = time.perf_counter()
     mesh = parse_mesh(mesh)
@@ -186,8 +192,11 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     limit = hw.hbm_bytes if memory_limit == 0 else memory_limit
     if limit is not None and not math.isfinite(limit):
         limit = None
-    solved = pl.solve_plan(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed,
-                           lambda b, a: pl.plan_memory(b, a, phases))
+    try:
+        solved = pl.solve_plan(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed,
+                               lambda b, a: pl.plan_memory(b, a, phases), deterministic)
+    except pl.NoPlanInTime as exc:
+        return fallback_plan(graph, mesh, hw, phases, limit, str(exc), t0)
     t2 = time.perf_counter()
     built, sol = solved.built, solved.solution
     per_phase, reports = {}, {}
@@ -209,6 +218,29 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     return Plan(final, reports, solved.status, sol.objective, solved.bound, solved.gap, mesh, hw.name,
                 {"solve": t2 - t0, "annotate": t3 - t2, "total": t3 - t0,
                  "solver_wall": sum(r["wall_s"] for r in solved.rounds)}, stats, solved.note)
+
+
+def fallback_plan(graph: g.Graph, mesh, hw, phases, limit, why: str, t0: float) -> Plan:
+    """The plan when the solver found none in time: codegen's simple plan (1D
+    tensor parallelism, Megatron style), priced like any other, with a note
+    that says so (and whether it fits in memory)."""
+    from ...codegen.plans import simple_plan   # numpy-only; imported here as passes come before codegen
+    per_phase, reports = {}, {}
+    for ph in phases:
+        pg = simple_plan(sized(graph, ph), dict(mesh))
+        rep = price_graph(pg, hw, ph.name)
+        per_phase[ph.name] = _with_report(pg, rep)
+        reports[ph.name] = rep
+    final = per_phase[phases[0].name] if len(phases) == 1 else _merge(per_phase["decode"], per_phase["prefill"])
+    final = verify(final)
+    objective = sum(ph.weight * reports[ph.name].step_s for ph in phases)
+    need = max(r.memory_bytes for r in reports.values())
+    note = f"{why}: fell back to the simple plan (1D tensor parallel)"
+    if limit is not None and need > limit:
+        note += f"; it needs {need / 1e9:.3g} GB per device > {limit / 1e9:.3g} GB"
+    total = time.perf_counter() - t0
+    return Plan(final, reports, "fallback", objective, -math.inf, math.inf, tuple(mesh), hw.name,
+                {"solve": total, "annotate": 0.0, "total": total, "solver_wall": 0.0}, {"fallback": why}, note)
 
 
 def _jsonable(x):
