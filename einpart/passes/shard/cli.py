@@ -63,6 +63,9 @@ def format_plan(p, spec: str = "") -> str:
     lines = [f"plan {spec} on {p.hardware}, mesh {format_mesh(p.mesh)} ({n} devices)".replace("  ", " "),
              f"solver: {p.status}, gap {p.gap:.3g}" + (f" ({p.note})" if p.note else "") +
              f", {p.timings['total']:.2f} s (build+solve {p.timings['solve']:.2f} s)"]
+    if p.stats.get("forced"):
+        from .forced import describe
+        lines.append(describe(p))
     for name, rep in p.phases.items():
         lines.append("")
         lines.append(f"== {name} ==")
@@ -87,9 +90,13 @@ def cmd_plan(args) -> int:
     if args.pipeline:
         graph = run_pipeline(graph, args.pipeline).graph
     limit = 0.0 if args.memory_limit is None else parse_bytes(args.memory_limit)
-    p = plan(graph, args.mesh, args.hardware, args.phase, batch=args.batch or 0, context=args.context or 0,
-             prompt=args.prompt or args.context or 0, steps=args.steps, memory_limit=limit,
-             time_limit=args.time_limit, workers=args.workers)
+    kw = dict(batch=args.batch or 0, context=args.context or 0, prompt=args.prompt or args.context or 0,
+              steps=args.steps, memory_limit=limit, time_limit=args.time_limit, workers=args.workers)
+    if args.force:
+        from .forced import plan_forced
+        p = plan_forced(graph, args.force, args.mesh, args.hardware, args.phase, **kw)
+    else:
+        p = plan(graph, args.mesh, args.hardware, args.phase, **kw)
     if args.json:
         json.dump(p.to_json(), sys.stdout, indent=1, default=_json_default)
         print()
@@ -127,6 +134,9 @@ def register(sub) -> None:
     p.add_argument("--memory-limit", metavar="BYTES", help="per device (default: the HBM; 'inf' = none)")
     p.add_argument("--time-limit", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--force", choices=("ws1d", "ws2d", "wg", "dp"), metavar="LAYOUT",
+                   help="a forced layout, priced the same way: ws1d, ws2d (weight-stationary 1D / 2D), "
+                        "wg (weight-gathered), dp (data-parallel)")
     p.add_argument("--pipeline", metavar="P", help="passes to run first, e.g. 'cast{dtype=bf16}'")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("-o", "--output", metavar="FILE", help="write the annotated spec here")

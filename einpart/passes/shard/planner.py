@@ -276,7 +276,11 @@ class Builder:
     def _strategies(self, s: g.Statement, ph: Phase) -> list[StmtStrategy]:
         sts = stmt_strategies(s, self.types, [ph.idx], self.pricer, self.hw, ph.idx, self.forbid)
         want = self._fixed(ph.name, s.name)
-        if want is not None:
+        if want is not None and hasattr(want, "allows"):   # a rule on the split (forced.SplitRule)
+            sts = [st for st in sts if want.allows(st.split)]
+            if not sts:
+                raise EinpartError(f"no legal split of '{s.name}' has {want} on this mesh")
+        elif want is not None:
             split, out = want if isinstance(want, tuple) else (want, None)
             split = {i: tuple(a) for i, a in split.items() if a}
             sts = [st for st in sts if st.split == split]
