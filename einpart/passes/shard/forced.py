@@ -33,6 +33,7 @@ axis for ws2d, does not apply: LayoutNotApplicable says why.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -122,15 +123,22 @@ def _bytes(t: g.TensorType, idx: dict, owner) -> float:
 
 # ------------------------------------------------------------------ weight layouts
 def _greedy(indices, axes, idx: dict, msize: dict, start: dict | None = None) -> dict:
-    """Each mesh axis, in order, to the first index (in the order given) it still divides."""
-    start = dict(start or {})
-    out = {i: tuple(start.pop(i, ())) for i in indices}
-    for a in axes:
-        for i in indices:
-            if idx[i] % (math.prod(msize[b] for b in out[i]) * msize[a]) == 0:
-                out[i] = out[i] + (a,)
-                break
-    return {i: v for i, v in {**out, **start}.items() if v}
+    """Each mesh axis to the first index (in the order given) it still divides, the
+    axes taken in the order that splits the tensor most ways (mesh order on a tie):
+    4 heads on a 2x4 mesh go over y, not x alone."""
+    best, most = {}, 0
+    for order in itertools.permutations(axes):
+        rest = dict(start or {})
+        out = {i: tuple(rest.pop(i, ())) for i in indices}
+        for a in order:
+            for i in indices:
+                if idx[i] % (math.prod(msize[b] for b in out[i]) * msize[a]) == 0:
+                    out[i] = out[i] + (a,)
+                    break
+        got = {i: v for i, v in {**out, **rest}.items() if v}
+        if _parts(got, msize) > most:
+            best, most = got, _parts(got, msize)
+    return best
 
 
 def _parts(layout: dict, msize: dict) -> int:
