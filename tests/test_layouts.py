@@ -235,9 +235,12 @@ def run_against_reference(name: str, kind: str, mesh: str, pipeline: str = ""):
         want, state = ref.step(nxt[:, i:i + 1], 6 + i, state)
         wants.append(want)
         got.append(ex.decode(nxt[:, i], 6 + i))
+    # int8: XLA's and numpy's quantisation of a weight can round one element differently (x / scale
+    # near .5): on palm that moves logits ~5e-4 of their scale on one device with no plan at all
+    tol = 1e-3 if "int8" in pipeline else 1e-5
     for k, (a, b) in enumerate(zip(got, wants)):
         scale = max(1.0, float(np.abs(b).max()))
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=f"{name} {kind} step {k}")
+        np.testing.assert_allclose(a, b, rtol=10 * tol, atol=tol * scale, err_msg=f"{name} {kind} step {k}")
     return p
 
 
@@ -249,8 +252,8 @@ def test_forced_plans_equal_the_interpreter(name, kind):
     assert specialize(p.graph, "decode") != specialize(p.graph, "prefill")
 
 
-SLOW = [(n, k, m, pipe) for n in TINY for k in ("planner",) + tuple(KINDS) for m in ("x=8", "2x4", "2x2x2")
-        for pipe in ("", "int8") if not (k == "ws2d" and m == "x=8")]
+SLOW = [(n, k, m, pipe) for n in TINY for k in ("planner",) + tuple(KINDS)
+        for m, pipe in (("x=8", ""), ("2x4", ""), ("2x2x2", ""), ("2x4", "int8")) if not (k == "ws2d" and m == "x=8")]
 
 
 @pytest.mark.slow
