@@ -52,7 +52,10 @@ SIZES = {
     ("palm", "tiny"): "D=64,F=256,H=8,K=16,L=2,V=256",            # tests/test_layouts.py TINY
 }
 LABEL = {("palm", "70b"): "62B"}
-PIPELINES = {"bf16": "cast{dtype=bf16}", "int8": "int8,cast{dtype=bf16}"}
+# bf16 / int8: weights and KV cache stored in bf16 (int8: the matmul weights quantised).
+# f32 / int8f32 keep f32 storage: XLA's CPU backend cannot run some bf16 x bf16 dots
+# ("Unsupported element type for DotThunk"), so the CPU smoke run uses these.
+PIPELINES = {"bf16": "cast{dtype=bf16}", "int8": "int8,cast{dtype=bf16}", "f32": "", "int8f32": "int8"}
 LAYOUTS = ("planner", "ws1d", "ws2d", "wg", "dp")
 DEFAULT_POINTS = "decode-1,decode-16,decode-128,prefill-8,prefill-64"
 
@@ -78,7 +81,7 @@ def model_graph(model: str, size: str, dtype: str, context: int):
     from einpart.passes import run_pipeline
     sets = {k: int(v) for k, v in (kv.split("=") for kv in SIZES[(model, size)].split(","))}
     graph = parse_file(ROOT / "examples" / f"{model}.ein", dict(sets, S=context))
-    return run_pipeline(graph, PIPELINES[dtype]).graph
+    return run_pipeline(graph, PIPELINES[dtype]).graph if PIPELINES[dtype] else graph
 
 
 def plan_point(graph, layout: str, mesh: str, pt: dict, args, context: int) -> dict:
@@ -272,6 +275,7 @@ def load_resume(path: Path, config: dict) -> list[dict]:
     return data["rows"]
 
 
+CPU_NOTE = "simulated CPU devices: an end-to-end smoke run; its timings say nothing about GPUs"
 PLAN_FREE = ("key", "group", "model", "size", "dtype", "point", "phase", "batch", "prompt", "context", "mesh",
              "layout")
 PLAN_CONFIG = ("hardware", "context", "time_limit")
@@ -323,6 +327,9 @@ def main(argv=None) -> int:
     context = args.context or (64 if sizes == ["tiny"] else 2048)
     points = [parse_point(p, context) for p in args.points.split(",") if p]
     layouts = [k for k in args.layouts.split(",") if k]
+    for k in args.dtypes.split(","):
+        if k not in PIPELINES:
+            raise SystemExit(f"--dtypes: '{k}' is not one of {', '.join(PIPELINES)}")
     for k in layouts:
         if k not in LAYOUTS:
             raise SystemExit(f"--layouts: '{k}' is not one of {', '.join(LAYOUTS)}")
@@ -349,6 +356,8 @@ def main(argv=None) -> int:
                "device": device, "versions": versions(), "command": " ".join([sys.executable] + sys.argv),
                "date": datetime.now(timezone.utc).isoformat(), "hardware_preset": args.hardware,
                "load_average": os.getloadavg(), "config": config, "rows": rows}
+    if device["backend"] == "cpu":
+        results["note"] = CPU_NOTE
     left = False
     for size in sizes:                 # smallest first: what a short device lease can finish
         for model in args.models.split(","):
@@ -368,6 +377,9 @@ def main(argv=None) -> int:
                             row = {"key": key, "group": group, "model": model, "size": size, "dtype": dtype,
                                    "point": pt["name"], "phase": pt["phase"], "batch": pt["batch"],
                                    "prompt": pt["prompt"], "context": context, "mesh": mesh, "layout": layout}
+                            if key in stored and stored[key].get("sizes") != SIZES[(model, size)]:
+                                raise SystemExit(f"--plans: '{key}' was planned at sizes {stored[key].get('sizes')}, "
+                                                 f"not {SIZES[(model, size)]}")
                             if key in stored:          # planned before (--plans): no solver needed here
                                 row.update(stored[key]["row"])
                                 text = stored[key]["text"]
@@ -375,7 +387,8 @@ def main(argv=None) -> int:
                             else:
                                 row.update(plan_point(graph, layout, mesh, pt, args, context))
                                 planned, text = row.pop("_graph", None), row.pop("_text", None)
-                            saved[key] = {"row": {k: v for k, v in row.items() if k not in PLAN_FREE}, "text": text}
+                            saved[key] = {"row": {k: v for k, v in row.items() if k not in PLAN_FREE}, "text": text,
+                                          "sizes": SIZES[(model, size)]}
                             if measuring and row["applies"]:
                                 same = next((r for r in rows if r["group"] == group and r.get("digest") == row["digest"]
                                              and r.get("measured_s") is not None), None)
@@ -407,6 +420,8 @@ def main(argv=None) -> int:
         print(f"wrote the plans to {plans_path}")
     title = (f"Predicted on {args.hardware} (no devices: a dry run)" if args.dry_run else
              f"Measured on {device['count']} x {device['kind']}, predicted on {args.hardware}")
+    if device["backend"] == "cpu":
+        title += f" ({CPU_NOTE})"
     md = markdown(rows, summary, measuring, f"**{title}** (`{' '.join(sys.argv[1:])}`)")
     path.with_suffix(".md").write_text(md)
     print()

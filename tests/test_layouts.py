@@ -19,7 +19,6 @@ import pytest
 from conftest import spec_path
 import einpart.codegen  # noqa: F401  (registers the plan pass)
 from einpart.errors import EinpartError, PlanError
-from einpart.ir import graph as g
 from einpart.ir import layout as lay
 from einpart.ir.model import Reference, init_params
 from einpart.ir.parser import parse, parse_file
