@@ -16,7 +16,9 @@ a `split` attribute on every statement. This module offers
   the plan `einpart compile/run/demo` use until the `shard` pass lands
 - specialize(graph, sizes, drop=()): the same plan at other sizes (decode's
   T=1); splits of the indices in `drop` that no longer divide are removed
-- the `plan{mesh=2x4,kind=simple|random|replicated,seed=0}` pass
+- the `plan{mesh=2x4,kind=simple|random|replicated,seed=0}` pass; kind=ws1d|ws2d|wg|dp
+  gives the shard planner's forced layouts (einpart.passes.shard.forced, priced on
+  `hardware`), the same as `shard{mesh=...,force=KIND}` with its other defaults
 """
 from __future__ import annotations
 
@@ -370,23 +372,29 @@ def specialize(graph: g.Graph, sizes: dict[str, int], drop: tuple[str, ...] = ()
 
 # ------------------------------------------------------------------ the pass
 PLAN_KINDS = ("simple", "random", "replicated")
+FORCED_KINDS = ("ws1d", "ws2d", "wg", "dp")
 
 
 @register_pass("plan")
 @dataclass(frozen=True)
 class PlanPass(Pass):
     """A built-in plan: simple (Megatron-style tensor parallel), random (seeded, legal),
-    or replicated. The stand-in for the `shard` planner."""
+    or replicated; or a forced layout of the `shard` planner (ws1d, ws2d, wg, dp), solved
+    and priced on `hardware` like an unforced plan."""
     mesh: str = "1"
     kind: str = "simple"
     seed: int = 0
+    hardware: str = "cpu"
 
     def apply(self, graph: g.Graph) -> g.Graph:
         mesh = parse_mesh(self.mesh)
+        if self.kind in FORCED_KINDS:
+            from ..passes.shard.forced import plan_forced
+            return plan_forced(graph, self.kind, tuple(mesh.items()), self.hardware, seed=self.seed).graph
         if self.kind == "simple":
             return simple_plan(graph, mesh)
         if self.kind == "random":
             return random_plan(graph, mesh, self.seed)
         if self.kind == "replicated":
             return replicated_plan(graph, mesh)
-        raise EinpartError(f"plan: kind must be one of {', '.join(PLAN_KINDS)}, got '{self.kind}'")
+        raise EinpartError(f"plan: kind must be one of {', '.join(PLAN_KINDS + FORCED_KINDS)}, got '{self.kind}'")

@@ -64,6 +64,9 @@ def format_plan(p, spec: str = "") -> str:
     lines = [f"plan {spec} on {p.hardware}, mesh {format_mesh(p.mesh)} ({n} devices)".replace("  ", " "),
              f"solver: {p.status}, gap {p.gap:.3g}" + (f" ({p.note})" if p.note else "") +
              f", {p.timings['total']:.2f} s (build+solve {p.timings['solve']:.2f} s)"]
+    if p.stats.get("forced"):
+        from .forced import describe
+        lines.append(describe(p))
     for name, rep in p.phases.items():
         lines.append("")
         lines.append(f"== {name} ==")
@@ -142,7 +145,12 @@ def cmd_plan(args) -> int:
     options = dict(phase=args.phase, batch=batches[0] if batches else 0, context=args.context or 0,
                    prompt=args.prompt or args.context or 0, steps=args.steps, memory_limit=limit)
     with progress.current().step("solving the ILP"):
-        p = plan(graph, args.mesh, args.hardware, time_limit=args.time_limit, workers=args.workers, **options)
+        if args.force:
+            from .forced import plan_forced
+            p = plan_forced(graph, args.force, args.mesh, args.hardware, time_limit=args.time_limit,
+                            workers=args.workers, **options)
+        else:
+            p = plan(graph, args.mesh, args.hardware, time_limit=args.time_limit, workers=args.workers, **options)
     why = None
     if args.explain:
         from .explain import explain
@@ -190,6 +198,9 @@ def register(sub) -> None:
     p.add_argument("--memory-limit", metavar="BYTES", help="per device (default: the HBM; 'inf' = none)")
     p.add_argument("--time-limit", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--force", choices=("ws1d", "ws2d", "wg", "dp"), metavar="LAYOUT",
+                   help="a forced layout, priced the same way: ws1d, ws2d (weight-stationary 1D / 2D), "
+                        "wg (weight-gathered), dp (data-parallel)")
     p.add_argument("--pipeline", metavar="P", help="passes to run first, e.g. 'cast{dtype=bf16}'")
     p.add_argument("--int8", action="store_true", help="int8 weights (adds the int8 pass last)")
     p.add_argument("--kv-groups", type=int, metavar="G", help="pool K/V heads into G groups (adds multiquery{groups=G} first)")

@@ -337,11 +337,16 @@ class Builder:
             prod[s.name] = n
 
     def _strategies(self, s: g.Statement, ph: Phase, phase: str | None = "", size_maps=None) -> list[StmtStrategy]:
-        """Legal strategies of s at ph's sizes (in every size map), narrowed by a fixed split;
-        phase: the name a fix may carry ('' = ph's, None = no phase: weight preparation)."""
+        """Legal strategies of s at ph's sizes (in every size map), narrowed by a fixed split
+        or a rule on the split (forced.SplitRule); phase: the name a fix may carry ('' = ph's,
+        None = no phase: weight preparation)."""
         sts = stmt_strategies(s, self.types, size_maps or [ph.idx], self.pricer, self.hw, ph.idx, self.forbid)
         want = self._fixed(ph.name if phase == "" else phase, s.name)
-        if want is not None:
+        if want is not None and hasattr(want, "allows"):   # a rule on the split (forced.SplitRule)
+            sts = [st for st in sts if want.allows(st.split)]
+            if not sts:
+                raise EinpartError(f"no legal split of '{s.name}' has {want} on this mesh")
+        elif want is not None:
             split, out = want if isinstance(want, tuple) else (want, None)
             split = {i: tuple(a) for i, a in split.items() if a}
             sts = [st for st in sts if st.split == split]

@@ -177,7 +177,8 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     inf = no limit. fix: {name or 'phase:name': layout} pins a declaration's
     (or a repeat's carry) layout (a list of layouts: one of them), or a
     statement's split (or (split, result layout)), e.g.
-    {"w_gate": {"d": ("x",), "f": ("y", "z")}, "decode:gate": {"f": ("y", "z")}}.
+    {"w_gate": {"d": ("x",), "f": ("y", "z")}, "decode:gate": {"f": ("y", "z")}}; a statement's
+    value may also be a rule with allows(split) (forced.SplitRule: the forced layouts).
     prune: keep rope pair indices whole everywhere (planner.Builder).
     deterministic: every CP-SAT call stops on deterministic time (time_limit of
     it for the final one), so the plan does not depend on the machine's load;
@@ -270,10 +271,15 @@ class Shard(Pass):
     memory_limit: float = 0.0
     time_limit: float = 10.0
     workers: int = 2
+    force: str = ""          # a forced layout: ws1d, ws2d, wg, dp (forced.py)
 
     def apply(self, graph: g.Graph) -> g.Graph:
         if not self.mesh:
             raise EinpartError("shard: option mesh is required (e.g. shard{mesh=(x=4,y=4,z=4)})")
+        if self.force:
+            from .forced import plan_forced
+            return plan_forced(graph, self.force, self.mesh, self.hardware, self.phase, self.batch, self.context,
+                               self.prompt, self.steps, self.memory_limit, self.time_limit, self.workers).graph
         return plan(graph, self.mesh, self.hardware, self.phase, self.batch, self.context, self.prompt,
                     self.steps, self.memory_limit, self.time_limit, self.workers).graph
 
