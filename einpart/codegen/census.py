@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-COLLECTIVE_CALL = re.compile(r"\blax\.(psum_scatter|psum|pmax|all_gather|all_to_all)\(")
+# `pmax(` alone is the module's differentiable helper (lower.PMAX_HELPER) around lax.pmax
+COLLECTIVE_CALL = re.compile(r"(?<![\w.])(?:lax\.)?(psum_scatter|psum|pmax|all_gather|all_to_all)\(")
 
 
 def _function(source: str, name: str, indent: str = "") -> str:

@@ -65,8 +65,9 @@ PMAX_HELPER = [
     "def pmax_jvp(axis_name, primals, tangents):",
     "    (x,), (dx,) = primals, tangents",
     "    out = lax.pmax(x, axis_name)",
-    "    hit = (x == out).astype(x.dtype)",
-    "    return out, lax.psum(dx * hit, axis_name) / lax.psum(hit, axis_name)",
+    "    hit = jax.tree.map(lambda a, o: (a == o).astype(a.dtype), x, out)",
+    "    share = lax.psum(jax.tree.map(lambda d, h: d * h, dx, hit), axis_name)",
+    "    return out, jax.tree.map(lambda s, c: s / c, share, lax.psum(hit, axis_name))",
 ]
 
 
@@ -261,7 +262,8 @@ class _Program:
                 continue
             parts_ = [self.partial.pop(m) for m in item.members]
             names = ", ".join(v for v, _ in parts_)
-            fn = {"psum": "lax.psum", "pmax": "lax.pmax"}[item.kind]
+            fn = {"psum": "lax.psum", "pmax": "pmax"}[item.kind]     # pmax: the differentiable helper
+            self.uses_pmax |= item.kind == "pmax"
             self.w(f"# one {item.kind} for {_comment(', '.join(item.members))}")
             self.w(f"{names} = {fn}(({names}), {axes_code(item.axes)})")
             for _, tail in parts_:
