@@ -102,6 +102,18 @@ class Writer:
         self.lines.append(("    " * self.depth + text) if text else "")
 
 
+@dataclass
+class LayerState:
+    """A state tensor of a repeat body, kept stacked over the layers and carried whole
+    through the layer loop, so that a step writes its new rows into the one stacked
+    buffer (one dynamic_update_slice at [layer, ..., pos, ...]) instead of slicing each
+    layer's cache out and stacking all layers back (a copy of the whole cache per step)."""
+    stacked: str                   # the stacked array as the loop carries it
+    layer: str                     # code of the layer index
+    block: str                     # this layer's block, when something reads it whole
+    read: bool = False             # whether `block` has been emitted
+
+
 # ------------------------------------------------------------------ one program
 class _Program:
     def __init__(self, graph: g.Graph, name: str, layers: str, given: dict | None = None):
@@ -120,6 +132,8 @@ class _Program:
         self.w = Writer()
         self.vals: dict[str, Val] = {}
         self.next_state: dict[str, str] = {}
+        # inside a repeat body: state name -> LayerState (the stacked cache, updated in place)
+        self.layer_state: dict[str, LayerState] = {}
         for d, _ in graph.all_decls():  # tensor variables first: stable names
             self.ns.tensor(d.name)
             if _ is not None:
@@ -380,7 +394,19 @@ class _Program:
         self.reduce(var, comm, out)
         self.finish(s, var, comm, table.dtype)
 
+    def read_layer_state(self, name: str) -> None:
+        """Emit the slice of this layer's block of a stacked state (once)."""
+        st = self.layer_state[name]
+        if not st.read:
+            self.w(f"{st.block} = lax.dynamic_index_in_dim({st.stacked}, {st.layer}, 0, keepdims=False)")
+            st.read = True
+
     def write(self, s, op: g.Write, comm, split) -> None:
+        stacked = self.layer_state.get(op.cache.name)
+        if stacked is not None:
+            if self.write_in_place(s, op, comm, split, stacked):
+                return
+            self.read_layer_state(op.cache.name)
         ops = self.operands(comm)
         var = self.ns.tensor(s.name)
         cache = ops[(op.cache.name, op.cache.indices)]
@@ -409,9 +435,46 @@ class _Program:
         natural = {i: tuple(split.get(i, ())) for i in op.cache.indices}
         want = ref_layout(op.cache, decl.type)
         st = Val(written, op.cache.indices, natural, cache.dtype)
-        self.next_state[op.cache.name] = self.moves(st, reshard(natural, want, op.cache.indices)).var
+        nxt = self.moves(st, reshard(natural, want, op.cache.indices)).var
+        if stacked is not None:       # this layer's new block back into the stacked state
+            new = self.ns.fresh(f"{stacked.stacked}_")
+            self.w(f"{new} = lax.dynamic_update_index_in_dim({stacked.stacked}, {nxt}, {stacked.layer}, 0)")
+            nxt = new
+        self.next_state[op.cache.name] = nxt
         self.w(f"{var} = {self.transpose(written, op.cache.indices, s.type.indices)}")
         self.finish(s, var, comm, cache.dtype)
+
+    def write_in_place(self, s, op: g.Write, comm, split, stacked: LayerState) -> bool:
+        """The common case of a stacked state's write: the cache is read in its declared
+        layout, its position index is not split and the result keeps that layout. Then the
+        new rows go straight into the stacked buffer, and this layer's block is read from
+        it; False (nothing emitted) otherwise."""
+        s_idx = next(i for i in op.cache.indices if i not in op.new.indices)
+        decl = self.graph.decl(op.cache.name)
+        natural = {i: tuple(split.get(i, ())) for i in op.cache.indices}
+        want = ref_layout(op.cache, decl.type)
+        cache_moves = [m for r, m in comm.operands if r.name == op.cache.name]
+        if split.get(s_idx) or any(cache_moves) or reshard(natural, want, op.cache.indices):
+            return False
+        ops = self.operands(comm)
+        var = self.ns.tensor(s.name)
+        new = ops[(op.new.name, op.new.indices)]
+        t_idx = next(i for i in op.new.indices if i not in op.cache.indices)
+        order = tuple(t_idx if i == s_idx else i for i in op.cache.indices)
+        upd = self.transpose(new.var, op.new.indices, order)
+        dtype = decl.type.dtype
+        if new.dtype != dtype:
+            upd = f"{upd}.astype({DTYPE_CODE[dtype]})"
+        start = ", ".join([stacked.layer] + ["pos" if i == s_idx else "0" for i in op.cache.indices])
+        nxt = self.ns.fresh(f"{stacked.stacked}_")
+        self.w(f"{nxt} = lax.dynamic_update_slice({stacked.stacked}, {upd}[None], ({start}))"
+               f"  # in place: layer {stacked.layer}, position pos")
+        written = self.ns.tensor(op.cache.name, "new")
+        self.w(f"{written} = lax.dynamic_index_in_dim({nxt}, {stacked.layer}, 0, keepdims=False)")
+        self.next_state[op.cache.name] = nxt
+        self.w(f"{var} = {self.transpose(written, op.cache.indices, s.type.indices)}")
+        self.finish(s, var, comm, dtype)
+        return True
 
     def rope(self, s, op: g.Rope, comm, split) -> None:
         ops = self.operands(comm)
@@ -446,18 +509,37 @@ class _Program:
             raise EinpartError(f"'{s.name}': nested repeat blocks are not supported by codegen")
         decls = op.body.decls
         states = [d for d in decls if d.kind == "state"]
+        params = [d for d in decls if d.kind != "state"]
         fn = self.ns.fresh(f"layer_{s.name}")
         xs = self.ns.fresh("xs")
         carry = self.ns.tensor(op.carry)
-        self.w(f"def {fn}({carry}, {xs}):")
+        layer = self.ns.fresh(f"i_{op.index}")
+        stacked = [self.ns.tensor(d.name, "all") for d in params]
+        state_all = [self.ns.tensor(d.name, "all") for d in states]
+        pack = self.ns.fresh("carry")
+        self.w(f"def {fn}({pack}, {xs}):")
         self.w.depth += 1
-        self.w(f'"""One layer: {_comment(s.name)} carries {_comment(op.carry)} '
-               f'{_comment(self.shape_note(s.type.indices, carry_layout))}."""')
-        names = [self.ns.tensor(d.name) for d in decls]
-        self.w(f"{_tuple(names) if len(names) != 1 else names[0] + ','} = {xs}" if names else f"del {xs}")
-        outer_vals = dict(self.vals)
-        for d, name in zip(decls, names):
+        self.w(f'"""One layer ({_comment(op.index)} = {layer}): {_comment(s.name)} carries {_comment(op.carry)} '
+               f'{_comment(self.shape_note(s.type.indices, carry_layout))}'
+               + (" and the stacked state, written in place." if states else ".") + '"""')
+        self.w(f"{carry}, {_tuple(state_all)} = {pack}")
+        names = [self.ns.tensor(d.name) for d in params]
+        self.w(f"{layer}, {_tuple(names)} = {xs}")
+        outer_vals, outer_states = dict(self.vals), self.layer_state
+        for d, name in zip(params, names):
             self.vals[d.name] = self.load(d, name)
+        self.layer_state = {}
+        read_whole = set()      # states some statement other than their write reads
+        for st in op.body.stmts:
+            if not isinstance(st.op, g.Write):
+                read_whole |= stmt_inputs(st)
+        for d, all_var in zip(states, state_all):
+            block = self.ns.tensor(d.name)
+            self.layer_state[d.name] = LayerState(all_var, layer, block)
+            self.vals[d.name] = Val(block, d.type.indices, type_layout(d.type), d.type.dtype)
+            self.next_state[d.name] = all_var      # a state this layer never writes stays as it is
+            if d.name in read_whole:
+                self.read_layer_state(d.name)
         self.vals[op.carry] = Val(carry, s.type.indices, carry_layout, s.type.dtype)
         for st in op.body.stmts:
             self.stmt(st)
@@ -466,27 +548,21 @@ class _Program:
         back = self.moves(Val(res.var, s.type.indices, res_layout, res.dtype),
                           reshard(res_layout, carry_layout, s.type.indices))
         nxt = [self.next_state[d.name] for d in states]
-        self.w(f"return {back.var}, {_tuple(nxt)}")
+        self.w(f"return ({back.var}, {_tuple(nxt)}), None")
         self.w.depth -= 1
-        self.vals = outer_vals
-        stacked = [self.ns.tensor(d.name, "all") for d in decls]
+        self.vals, self.layer_state = outer_vals, outer_states
         news = [self.ns.tensor(d.name, "next") for d in states]
         out = self.ns.tensor(s.name)
         n_layers = self.idx[op.index]
         if self.layers == "scan":
-            ys = self.ns.fresh("ys")
-            self.w(f"{out}, {ys} = lax.scan({fn}, {moved.var}, {_tuple(stacked)})")
+            self.w(f"({out}, {_tuple(news)}), _ = lax.scan({fn}, ({moved.var}, {_tuple(state_all)}), "
+                   f"(jnp.arange({n_layers}, dtype=jnp.int32), {_tuple(stacked)}))")
         else:
-            ys, i, y = self.ns.fresh("ys"), self.ns.fresh("i"), self.ns.fresh("y")
-            self.w(f"{out} = {moved.var}")
-            self.w(f"{ys} = []")
-            self.w(f"for {i} in range({n_layers}):")
-            sliced = ", ".join(f"{v}[{i}]" for v in stacked)
-            self.w(f"    {out}, {y} = {fn}({out}, ({sliced}{',' if len(stacked) == 1 else ''}))")
-            self.w(f"    {ys}.append({y})")
-            self.w(f"{ys} = jax.tree.map(lambda *a: jnp.stack(a), *{ys})")
-        if news:
-            self.w(f"{_tuple(news) if len(news) != 1 else news[0] + ','} = {ys}")
+            i = self.ns.fresh("i")
+            self.w(f"{out}, {_tuple(news)} = {moved.var}, {_tuple(state_all)}")
+            self.w(f"for {i} in range({n_layers}):   # unrolled: static layer indices")
+            sliced = _tuple(f"{v}[{i}]" for v in stacked)
+            self.w(f"    ({out}, {_tuple(news)}), _ = {fn}(({out}, {_tuple(news)}), ({i}, {sliced}))")
         for d, v in zip(states, news):
             self.next_state[d.name] = v
         self.vals[s.name] = Val(out, s.type.indices, carry_layout, s.type.dtype)

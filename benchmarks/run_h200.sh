@@ -1,0 +1,21 @@
+#!/bin/bash
+# The device session for issue 7 on one H200 (device tool): calibrate, then the
+# decode/prefill benchmark. Run from the checkout root with einpart importable;
+# BASE (optional) is an older einpart checkout measured for comparison.
+# Usage: OUT=dir bash benchmarks/run_h200.sh STAGE   (STAGE: 1, 2, ...)
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/hlo
+stage=${1:-1}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+if [ "$stage" = 1 ]; then
+  python3 benchmarks/calibrate.py --base h200 --name h200 --out "$OUT" 2>&1 | tee "$OUT/calibrate.log" || exit 1
+  HW="$OUT/hardware-h200.toml"
+  if [ -n "$BASE" ]; then
+    python3 benchmarks/decode.py --einpart "$BASE" --label base --batches 1,64 --prefill none --layers scan \
+      --baseline "" --hardware "$HW" --dump-hlo /tmp/hlo --tag -base --out "$OUT" 2>&1 | tee "$OUT/decode-base.log"
+  fi
+  python3 benchmarks/decode.py --batches 1,64 --prefill 8x2048 --layers scan --int8 scan --baseline unroll,scan \
+    --hardware "$HW" --dump-hlo /tmp/hlo --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+  tar -czf "$OUT/hlo.tgz" -C /tmp hlo
+fi
