@@ -124,15 +124,17 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     gpu = jax.default_backend() != "cpu"
     peak = matmul_rate(jax, jnp, 8192 if gpu else 512, jnp.bfloat16)
-    hbm = copy_bandwidth(jax, jnp, (2 << 30) if gpu else (1 << 24))
+    hbm_ways = copy_bandwidth(jax, jnp, (4 << 30) if gpu else (1 << 24))
+    hbm = max(hbm_ways.values())
     print(f"device {device.device_kind}, JAX {jax.__version__}: matmul {peak / 1e12:.0f} TFLOP/s, "
-          f"copy {hbm / 1e12:.2f} TB/s; predictions priced on {args.hardware}", flush=True)
+          f"HBM {hbm / 1e12:.2f} TB/s (" + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in hbm_ways.items())
+          + f"); predictions priced on {args.hardware}", flush=True)
     weights = random_weights(expected_params(graph), NUMPY_DTYPE["bf16"])
     rows = []
     results = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
                "numpy": np.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
                "date": datetime.now(timezone.utc).isoformat(), "preset": args.preset, "sizes": sizes,
-               "hardware": args.hardware, "matmul_peak_flops": peak, "hbm_bytes_per_s": hbm,
+               "hardware": args.hardware, "matmul_peak_flops": peak, "hbm_bytes_per_s": hbm, "hbm_ways": hbm_ways,
                "weight_bytes": weight_bytes, "rows": rows}
     prefill_b, prefill_p = (None, None)
     if args.prefill != "none":

@@ -132,6 +132,9 @@ class _Program:
         self.w = Writer()
         self.vals: dict[str, Val] = {}
         self.next_state: dict[str, str] = {}
+        # the low float dtype the spec stores its weights in (None: float32 products stay float32)
+        self.float_storage = next((d.type.dtype for d, _ in graph.all_decls()
+                                   if d.kind == "param" and d.type.dtype in ("bf16", "f16")), None)
         # inside a repeat body: state name -> LayerState (the stacked cache, updated in place)
         self.layer_state: dict[str, LayerState] = {}
         for d, _ in graph.all_decls():  # tensor variables first: stable names
@@ -281,6 +284,7 @@ class _Program:
         ops = self.operands(comm)
         out = s.type.indices
         var = self.ns.tensor(s.name)
+        computed = "f32"
         factors = g.product_factors(op.expr)
         if (op.reduce == "sum" and factors is not None and len(factors) > 1
                 and all(isinstance(f, g.Ref) for f in factors)):
@@ -292,6 +296,10 @@ class _Program:
             spec += "->" + "".join(letter[i] for i in out)
             vals = [ops[(f.name, f.indices)] for f in factors]
             low = next((v.dtype for v in vals if v.dtype in ("bf16", "f16")), None)
+            if low is None and any(v.dtype == "i8" for v in vals):
+                # int8 weights are exact in bf16: in a spec whose weights are stored in a low
+                # float dtype the product runs there too (not as a float32 HIGHEST product)
+                low = self.float_storage
             args = []
             for v in vals:
                 if low is not None and v.dtype != low:     # a low-precision product: every input in it
@@ -301,9 +309,18 @@ class _Program:
                 else:
                     args.append(v.var)
             # float32 products at full float32 precision (GPUs would use TF32);
-            # low-precision ones accumulate in float32
-            prec = "" if low is not None else ", precision=HIGHEST"
-            self.w(f"{var} = jnp.einsum({spec!r}, {', '.join(args)}, preferred_element_type=F32{prec})")
+            # low-precision ones accumulate in float32; a product with a weight returns in the
+            # low dtype (unless partial sums still cross devices, or it is an output): XLA on GPU turns a bf16 x bf16 -> f32 matrix-
+            # vector product (decode, batch 1) into f32 copies of the weights (measured on an
+            # H200: 19.2 ms/token for Llama-8B unrolled, against 7.1 ms with bf16 results)
+            weight = any((d := self.graph.decl(f.name)) is not None and d.kind == "param" for f in factors)
+            if low is not None and weight and not comm.reduce and s.name not in self.graph.outputs:
+                computed = low
+                self.w(f"{var} = jnp.einsum({spec!r}, {', '.join(args)}, "
+                       f"preferred_element_type={DTYPE_CODE[low]})")
+            else:
+                prec = "" if low is not None else ", precision=HIGHEST"
+                self.w(f"{var} = jnp.einsum({spec!r}, {', '.join(args)}, preferred_element_type=F32{prec})")
         else:
             axes = g.expr_indices(op.expr)
             masks = {}
@@ -328,7 +345,7 @@ class _Program:
                 if i not in out:
                     count *= self.idx[i]
             self.w(f"{var} = {var} / {number(count)}")
-        self.finish(s, var, comm)
+        self.finish(s, var, comm, computed)
 
     def causal(self, leaf: g.Causal, split) -> str:
         mask = self.ns.fresh(f"mask_{leaf.t}_{leaf.s}")
