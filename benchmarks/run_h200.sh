@@ -39,3 +39,7 @@ if [ "$stage" = 3 ]; then
   python3 benchmarks/decode.py --batches 1 --prefill none --layers "" --baseline unroll \
     --hardware "$HW" --tag=-plain-unroll --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
 fi
+if [ "$stage" = 4 ]; then
+  python3 benchmarks/decode.py --batches 1 --prefill none --layers unroll --int8 unroll --baseline unroll \
+    --hardware benchmarks/results/hardware-h200.toml --tag=-run4 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+fi
