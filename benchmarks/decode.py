@@ -2,16 +2,22 @@
 
 Measures, for the same bf16 weights: prefill MFU at B x P tokens and decode
 ms/token at several batches with a full context, each as a ratio to a plain
-JAX implementation (benchmarks/plain_llama.py, scanned and unrolled) and as a
-fraction of the roofline (measured matmul peak; weight + KV-cache bytes over
-measured HBM bandwidth). Writes JSON with device, versions and command.
+JAX implementation (benchmarks/plain_llama.py, scanned and unrolled), as a
+fraction of the floor (weights + KV-cache bytes over the measured copy
+bandwidth; FLOPs over the measured matmul peak, both measured in this run by
+benchmarks/calibrate.py's functions) and against the time the planner's cost
+model predicts (einpart.passes.shard.report.price_graph on the very program
+graph that runs, with --hardware, e.g. the calibrated h200 preset). Also the
+compile time from spec text to ready executables (parse, passes, codegen,
+XLA for prefill and decode). Writes JSON with device, versions and command.
 
-    python benchmarks/decode.py --preset 8b --batches 1,8,64 --context 2048 \\
-        --prefill 8x2048 --layers unroll,scan --out benchmarks/results
+    python benchmarks/decode.py --preset 8b --batches 1,64 --context 2048 \\
+        --prefill 8x2048 --layers scan,unroll --hardware h200 --out benchmarks/results
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
 import statistics
@@ -24,7 +30,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
 PRESETS = {
     "8b": "D=4096,F=14336,H=32,G=8,K=128,L=32,V=128256",
@@ -44,22 +49,6 @@ def timed(fn, reps: int, warmup: int = 2) -> list[float]:
     return out
 
 
-def calibrate(jax, jnp):
-    """Measured ceilings: bf16 matmul FLOP/s and HBM bytes/s (read + write)."""
-    n = 8192 if jax.default_backend() != "cpu" else 1024
-    key = jax.random.key(0)
-    a = jax.random.normal(key, (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    t = statistics.median(timed(lambda: mm(a, b).block_until_ready(), 10))
-    peak = 2 * n ** 3 / t
-    m = (1 << 30) if jax.default_backend() != "cpu" else (1 << 24)
-    x = jax.random.normal(key, (m,), jnp.float32)
-    cp = jax.jit(lambda x: x * 1.0001)
-    t = statistics.median(timed(lambda: cp(x).block_until_ready(), 10))
-    return peak, 2 * 4 * m / t
-
-
 def random_weights(expected: dict, dtype, seed: int = 0) -> dict:
     """Random (not zero) weights, fast: one random block tiled over each tensor."""
     rng = np.random.default_rng(seed)
@@ -72,49 +61,81 @@ def random_weights(expected: dict, dtype, seed: int = 0) -> dict:
     return out
 
 
+def dump(path: Path | None, name: str, compiled) -> None:
+    """The optimised HLO of a compiled program, gzipped (for diffing einpart against plain JAX)."""
+    if path is None:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path / f"{name}.hlo.txt.gz", "wt") as f:
+        f.write(compiled.as_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="8b", choices=sorted(PRESETS))
-    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--set", default="", help="size overrides after the preset, e.g. L=4 (a probe)")
+    ap.add_argument("--batches", default="1,64")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--prefill", default="8x2048", help="BxP, or 'none'")
-    ap.add_argument("--layers", default="unroll,scan")
+    ap.add_argument("--layers", default="scan,unroll")
     ap.add_argument("--baseline", default="unroll,scan")
+    ap.add_argument("--int8", default="", help="layer modes to run again with the int8 pass (weights int8)")
+    ap.add_argument("--hardware", default="h200", help="preset or file the predicted times are priced on")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--einpart", default=str(HERE.parent), help="the einpart checkout to import")
+    ap.add_argument("--label", default="einpart", help="name of the einpart rows")
+    ap.add_argument("--dump-hlo", default="", help="folder for optimised HLO of decode programs")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
+    sys.path.insert(0, args.einpart)
 
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
+    from calibrate import copy_bandwidth, matmul_rate
+    from einpart.codegen.lower import split_prepare
     from einpart.ir.parser import parse_file
     from einpart.ir.shapes import DTYPE_BYTES, decl_shapes
     from einpart.passes import run_pipeline
+    from einpart.passes.shard.report import price_graph
     from einpart.runtime.executable import Executable
     from einpart.runtime.weights import NUMPY_DTYPE, expected_params
     from plain_llama import make_step
 
+    dump_dir = Path(args.dump_hlo) if args.dump_hlo else None
     batches = [int(b) for b in args.batches.split(",") if b]
     sets = dict(kv.split("=") for kv in PRESETS[args.preset].split(","))
+    sets.update(dict(kv.split("=") for kv in args.set.split(",") if kv))
     sizes = {k: int(v) for k, v in sets.items()} | {"S": args.context, "B": batches[0], "T": 1}
-    graph = parse_file(HERE.parent / "examples" / "llama.ein", sizes=sizes)
-    graph = run_pipeline(graph, "cast{dtype=bf16}").graph       # bf16 weights and cache
+    spec_path = Path(args.einpart) / "examples" / "llama.ein"
+
+    def build_graph(int8: bool):
+        graph = parse_file(spec_path, sizes=sizes)
+        return run_pipeline(graph, ("int8," if int8 else "") + "cast{dtype=bf16}").graph
+
+    graph = build_graph(False)
     info = decl_shapes(graph)
     weight_bytes = sum(i.nbytes for i in info.values() if i.decl.kind == "param")
     n_matmul = sum(i.size for n, i in info.items() if i.decl.kind == "param" and len(i.shape) >= 2 and n != "embed")
     L, D, G, K, H = (sizes[k] for k in "LDGKH")
 
     device = jax.devices()[0]
-    peak, hbm = calibrate(jax, jnp)
-    print(f"device {device.device_kind}: matmul {peak / 1e12:.0f} TFLOP/s, HBM {hbm / 1e12:.2f} TB/s", flush=True)
+    gpu = jax.default_backend() != "cpu"
+    peak = matmul_rate(jax, jnp, 8192 if gpu else 512, jnp.bfloat16)
+    hbm_ways = copy_bandwidth(jax, jnp, (4 << 30) if gpu else (1 << 24))
+    hbm = max(hbm_ways.values())
+    print(f"device {device.device_kind}, JAX {jax.__version__}: matmul {peak / 1e12:.0f} TFLOP/s, "
+          f"HBM {hbm / 1e12:.2f} TB/s (" + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in hbm_ways.items())
+          + f"); predictions priced on {args.hardware}", flush=True)
     weights = random_weights(expected_params(graph), NUMPY_DTYPE["bf16"])
     rows = []
     results = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
                "numpy": np.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
                "date": datetime.now(timezone.utc).isoformat(), "preset": args.preset, "sizes": sizes,
-               "matmul_peak_flops": peak, "hbm_bytes_per_s": hbm, "weight_bytes": weight_bytes, "rows": rows}
+               "hardware": args.hardware, "matmul_peak_flops": peak, "hbm_bytes_per_s": hbm, "hbm_ways": hbm_ways,
+               "weight_bytes": weight_bytes, "rows": rows}
     prefill_b, prefill_p = (None, None)
     if args.prefill != "none":
         prefill_b, prefill_p = (int(x) for x in args.prefill.split("x"))
@@ -122,41 +143,53 @@ def main(argv=None) -> int:
     def kv_bytes(b):
         return 2 * L * b * args.context * G * K * DTYPE_BYTES["bf16"]
 
-    for layers in [x for x in args.layers.split(",") if x]:
+    def prefill_flops(b, p):
+        return 2 * n_matmul * b * p + 4 * L * b * p * p * H * K
+
+    variants = [(m, False) for m in args.layers.split(",") if m] + [(m, True) for m in args.int8.split(",") if m]
+    for layers, int8 in variants:
+        name = f"{args.label}{'-int8' if int8 else ''}-{layers}"
         start = time.perf_counter()
-        ex = Executable(graph, {"x": 1}, layers=layers, weights=weights, compile=False,
-                        prefill_len=prefill_p or 1)
+        g8 = build_graph(int8)
+        ex = Executable(g8, {"x": 1}, layers=layers, weights=weights, compile=False, prefill_len=prefill_p or 1)
+        jax.block_until_ready(ex.params)
         build_s = time.perf_counter() - start
+        step_weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in ex.params.values())
+        ready = {"build_s": build_s}
         for b in batches:
             start = time.perf_counter()
             prog = ex.compiled("decode", b)
             compile_s = time.perf_counter() - start
+            dump(dump_dir, f"{name}-decode-b{b}", prog)
+            pg = split_prepare(ex._programs_for(b, ex.prefill_len)["decode"])[0]
+            predicted = price_graph(pg, args.hardware, "decode").step_s
             module = ex.module(b, ex.prefill_len)
-            state = ex.new_state(b)
             tok = ex._put(np.random.default_rng(b).integers(0, sizes["V"], (b, 1)).astype(np.int32),
                           module.INPUT_SPECS["decode"][ex.axes.tokens])
             pos = ex._put(np.asarray(args.context - 8, np.int32), P())
-            holder = {"state": state}
-
-            def step():
-                outs, holder["state"] = prog(ex.params, holder["state"], {ex.axes.tokens: tok}, pos)
-                return outs
+            holder = {"state": ex.new_state(b)}
 
             def run_steps():
                 for _ in range(args.steps):
-                    outs = step()
+                    outs, holder["state"] = prog(ex.params, holder["state"], {ex.axes.tokens: tok}, pos)
                 jax.block_until_ready((outs, holder["state"]))
             t = statistics.median(timed(run_steps, 3, warmup=1)) / args.steps
-            floor = (weight_bytes + kv_bytes(b)) / hbm
-            rows.append({"impl": f"einpart-{layers}", "phase": "decode", "batch": b, "ms": t * 1e3,
-                         "floor_ms": floor * 1e3, "compile_s": compile_s, "build_s": build_s})
-            print(f"einpart {layers:6s} decode b={b:<3d} {t * 1e3:8.2f} ms  floor {floor * 1e3:.2f} ms "
-                  f"(compile {compile_s:.1f} s)", flush=True)
-            del holder, state
+            floor = (step_weight_bytes + kv_bytes(b)) / hbm
+            rows.append({"impl": name, "phase": "decode", "batch": b, "ms": t * 1e3, "floor_ms": floor * 1e3,
+                         "predicted_ms": predicted * 1e3, "compile_s": compile_s, "build_s": build_s,
+                         "step_weight_bytes": step_weight_bytes})
+            if b == batches[0]:
+                ready["decode_s"] = compile_s
+            print(f"{name:22s} decode b={b:<3d} {t * 1e3:8.2f} ms  floor {floor * 1e3:.2f} ms  predicted "
+                  f"{predicted * 1e3:.2f} ms (compile {compile_s:.1f} s)", flush=True)
+            del holder
         if prefill_b:
             start = time.perf_counter()
             prog = ex.compiled("prefill", prefill_b, prefill_p)
             compile_s = time.perf_counter() - start
+            ready["prefill_s"] = compile_s
+            pg = split_prepare(ex._programs_for(prefill_b, prefill_p)["prefill"])[0]
+            predicted = price_graph(pg, args.hardware, "prefill").step_s
             module = ex.module(prefill_b, prefill_p)
             holder = {"state": ex.new_state(prefill_b)}
             tok = ex._put(np.random.default_rng(0).integers(0, sizes["V"], (prefill_b, prefill_p)).astype(np.int32),
@@ -167,12 +200,17 @@ def main(argv=None) -> int:
                 outs, holder["state"] = prog(ex.params, holder["state"], {ex.axes.tokens: tok}, pos)
                 jax.block_until_ready(outs)
             t = statistics.median(timed(run_prefill, 5))
-            flops = 2 * n_matmul * prefill_b * prefill_p + 4 * L * prefill_b * prefill_p * prefill_p * H * K
-            rows.append({"impl": f"einpart-{layers}", "phase": "prefill", "batch": prefill_b, "tokens": prefill_p,
-                         "ms": t * 1e3, "mfu": flops / t / peak, "compile_s": compile_s})
-            print(f"einpart {layers:6s} prefill {prefill_b}x{prefill_p} {t * 1e3:8.1f} ms  "
-                  f"{100 * flops / t / peak:.1f}% of measured peak", flush=True)
+            flops = prefill_flops(prefill_b, prefill_p)
+            rows.append({"impl": name, "phase": "prefill", "batch": prefill_b, "tokens": prefill_p,
+                         "ms": t * 1e3, "mfu": flops / t / peak, "floor_ms": flops / peak * 1e3,
+                         "predicted_ms": predicted * 1e3, "compile_s": compile_s})
+            print(f"{name:22s} prefill {prefill_b}x{prefill_p} {t * 1e3:8.1f} ms  {100 * flops / t / peak:.1f}% "
+                  f"of measured peak  predicted {predicted * 1e3:.1f} ms (compile {compile_s:.1f} s)", flush=True)
             del holder
+        ready["total_s"] = sum(ready.values())
+        results.setdefault("spec_to_ready_s", {})[name] = ready
+        print(f"{name:22s} spec to ready (build {build_s:.1f} s + decode b={batches[0]} + prefill compile): "
+              f"{ready['total_s']:.1f} s", flush=True)
         del ex   # frees its weights and caches before the next variant
 
     params = jax.device_put(weights) if args.baseline else None
@@ -186,6 +224,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             compiled = fn.lower(params, holder["state"], tok, pos).compile()
             compile_s = time.perf_counter() - start
+            dump(dump_dir, f"plain-{mode}-decode-b{b}", compiled)
 
             def run_steps():
                 for _ in range(args.steps):
@@ -195,24 +234,27 @@ def main(argv=None) -> int:
             floor = (weight_bytes + kv_bytes(b)) / hbm
             rows.append({"impl": f"plain-{mode}", "phase": "decode", "batch": b, "ms": t * 1e3,
                          "floor_ms": floor * 1e3, "compile_s": compile_s})
-            print(f"plain   {mode:6s} decode b={b:<3d} {t * 1e3:8.2f} ms  floor {floor * 1e3:.2f} ms "
+            print(f"plain-{mode:16s} decode b={b:<3d} {t * 1e3:8.2f} ms  floor {floor * 1e3:.2f} ms "
                   f"(compile {compile_s:.1f} s)", flush=True)
             del holder
         if prefill_b:
             shape = (L, prefill_b, args.context, G, K)
             holder = {"state": {"k_cache": jnp.zeros(shape, jnp.bfloat16), "v_cache": jnp.zeros(shape, jnp.bfloat16)}}
             tok = jnp.asarray(np.random.default_rng(0).integers(0, sizes["V"], (prefill_b, prefill_p)).astype(np.int32))
+            start = time.perf_counter()
             compiled = fn.lower(params, holder["state"], tok, jnp.int32(0)).compile()
+            compile_s = time.perf_counter() - start
 
             def run_prefill():
                 outs, holder["state"] = compiled(params, holder["state"], tok, jnp.int32(0))
                 jax.block_until_ready(outs)
             t = statistics.median(timed(run_prefill, 5))
-            flops = 2 * n_matmul * prefill_b * prefill_p + 4 * L * prefill_b * prefill_p * prefill_p * H * K
+            flops = prefill_flops(prefill_b, prefill_p)
             rows.append({"impl": f"plain-{mode}", "phase": "prefill", "batch": prefill_b, "tokens": prefill_p,
-                         "ms": t * 1e3, "mfu": flops / t / peak})
-            print(f"plain   {mode:6s} prefill {prefill_b}x{prefill_p} {t * 1e3:8.1f} ms  "
-                  f"{100 * flops / t / peak:.1f}% of measured peak", flush=True)
+                         "ms": t * 1e3, "mfu": flops / t / peak, "floor_ms": flops / peak * 1e3,
+                         "compile_s": compile_s})
+            print(f"plain-{mode:16s} prefill {prefill_b}x{prefill_p} {t * 1e3:8.1f} ms  "
+                  f"{100 * flops / t / peak:.1f}% of measured peak (compile {compile_s:.1f} s)", flush=True)
             del holder
 
     best_plain = {}
@@ -220,14 +262,19 @@ def main(argv=None) -> int:
         if r["impl"].startswith("plain"):
             k = (r["phase"], r["batch"])
             best_plain[k] = min(best_plain.get(k, float("inf")), r["ms"])
-    print(f"\n{'impl':<16}{'phase':<9}{'batch':>6}{'ms':>10}{'vs best plain':>15}{'of roofline':>13}")
+    print(f"\n{'impl':<22}{'phase':<9}{'batch':>6}{'ms':>10}{'floor ms':>10}{'of floor':>10}"
+          f"{'vs plain':>10}{'predicted':>11}{'pred/meas':>11}")
     for r in rows:
         base = best_plain.get((r["phase"], r["batch"]))
         r["ratio_to_best_plain"] = r["ms"] / base if base else None
-        roof = r.get("floor_ms", 0) / r["ms"] if r["phase"] == "decode" else r["mfu"]
-        r["fraction_of_roofline"] = roof
+        r["fraction_of_floor"] = r["floor_ms"] / r["ms"]
         ratio = f"{r['ratio_to_best_plain']:.2f}x" if base else "-"
-        print(f"{r['impl']:<16}{r['phase']:<9}{r['batch']:>6}{r['ms']:>10.2f}{ratio:>15}{100 * roof:>12.1f}%")
+        pred = r.get("predicted_ms")
+        r["predicted_over_measured"] = pred / r["ms"] if pred else None
+        ps = f"{pred:.2f}" if pred else "-"
+        pm = f"{pred / r['ms']:.2f}" if pred else "-"
+        print(f"{r['impl']:<22}{r['phase']:<9}{r['batch']:>6}{r['ms']:>10.2f}{r['floor_ms']:>10.2f}"
+              f"{100 * r['fraction_of_floor']:>9.1f}%{ratio:>10}{ps:>11}{pm:>11}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kind = device.device_kind.replace(" ", "-").lower()

@@ -489,3 +489,43 @@ def test_property_random_chains_match_interpreter(spec, mesh, seed):
     tokens = np.random.default_rng(seed).integers(0, 16, (2, 4)).astype(np.int32)
     outs, _ = run_step(graph, params, {"tokens": tokens}, {}, 0)
     assert_close(ex.prefill(tokens), outs["logits"], f"{spec}\n{planned.mesh}")
+
+
+# ------------------------------------------------------------------ GPU-minded lowering (issue 7)
+def _decode_source(pipeline: str, layers: str) -> str:
+    from einpart.passes import run_pipeline
+    graph = run_pipeline(parse_file(spec_path("llama")), pipeline).graph
+    src = generate_source(simple_plan(graph, {"x": 1}), layers=layers)
+    return src[src.index("def decode("):src.index("def programs(")]
+
+
+@pytest.mark.parametrize("layers", ["scan", "unroll"])
+def test_cache_written_in_place(layers):
+    """The layer loop carries each stacked cache and writes the new rows into it at
+    [layer, ..., pos, ...]: no per-layer slice fed to the loop, no restacking."""
+    src = _decode_source("cast{dtype=bf16}", layers)
+    assert src.count("lax.dynamic_update_slice(t_k_cache_all") == 1
+    assert src.count("lax.dynamic_update_slice(t_v_cache_all") == 1
+    assert "jnp.stack" not in src and "t_k_cache_all[" not in src
+
+
+def test_bf16_products_with_weights_return_bf16():
+    """bf16 x weight products return bf16 (XLA makes f32 weight copies for bf16 -> f32
+    matvecs on GPU); attention scores and the output logits keep float32 results."""
+    src = _decode_source("cast{dtype=bf16}", "unroll")
+    lines = {ln.split("=")[0].strip(): ln for ln in src.splitlines() if "jnp.einsum(" in ln}
+    for name in ("t_q", "t_kn", "t_vn", "t_attn", "t_gate", "t_up", "t_mlp"):
+        assert "preferred_element_type=jnp.bfloat16" in lines[name], lines[name]
+    for name in ("t_sc", "t_o", "t_logits"):
+        assert "preferred_element_type=F32" in lines[name], lines[name]
+    f32 = _decode_source("", "unroll")       # an f32 spec: f32 products at HIGHEST precision
+    assert "jnp.bfloat16" not in f32 and f32.count("precision=HIGHEST") >= 9
+
+
+def test_int8_weights_contract_in_bf16_in_a_bf16_spec():
+    src = _decode_source("int8,cast{dtype=bf16}", "scan")
+    gate = next(ln for ln in src.splitlines() if ln.strip().startswith("t_gate_raw = jnp.einsum("))
+    assert "t_w_gate_i8.astype(jnp.bfloat16)" in gate and "HIGHEST" not in gate
+    f32 = _decode_source("int8", "scan")     # all-f32 spec with int8 weights: float32 as before
+    gate = next(ln for ln in f32.splitlines() if ln.strip().startswith("t_gate_raw = jnp.einsum("))
+    assert "astype(F32)" in gate and "precision=HIGHEST" in gate

@@ -106,9 +106,10 @@ def prefill(params, state, inputs, pos):
     t_x0 = jnp.where(hit_v[:, :, None], t_x0, 0)
     t_x0 = lax.psum(t_x0, ('x', 'y'))
     # xl[b, t, d] = repeat l (x = x0)
-    def layer_xl(t_x, xs):
-        """One layer: xl carries x [b=2, t=8, d=64]."""
-        (t_attn_norm, t_wq, t_wk, t_wv, t_wo, t_mlp_norm, t_w_gate, t_w_up, t_w_down, t_k_cache, t_v_cache) = xs
+    def layer_xl(carry1, xs):
+        """One layer (l = i_l): xl carries x [b=2, t=8, d=64] and the stacked state, written in place."""
+        t_x, (t_k_cache_all, t_v_cache_all) = carry1
+        i_l, (t_attn_norm, t_wq, t_wk, t_wv, t_wo, t_mlp_norm, t_w_gate, t_w_up, t_w_down) = xs
         # ms1[b, t] = mean(x[b, t, d] * x[b, t, d])
         t_ms1 = jnp.sum(t_x * t_x, axis=(2,))
         t_ms1 = t_ms1 / 64.0
@@ -133,10 +134,12 @@ def prefill(params, state, inputs, pos):
         lo1, hi1 = jnp.split(t_kn, 2, axis=3)
         t_kr = t_kn * cos1[None, :, None, :] + jnp.concatenate([-hi1, lo1], axis=3) * sin1[None, :, None, :]
         # kc[b, s, g@x, k] = write(k_cache[b, s, g, k], kr[b, t, g, k]) {split=[g(x)]}
-        t_k_cache_new = lax.dynamic_update_slice_in_dim(t_k_cache, t_kr, pos, axis=1)
+        t_k_cache_all_1 = lax.dynamic_update_slice(t_k_cache_all, t_kr[None], (i_l, 0, pos, 0, 0))  # in place: layer i_l, position pos
+        t_k_cache_new = lax.dynamic_index_in_dim(t_k_cache_all_1, i_l, 0, keepdims=False)
         t_kc = t_k_cache_new
         # vc[b, s, g@x, k] = write(v_cache[b, s, g, k], vn[b, t, g, k]) {split=[g(x)]}
-        t_v_cache_new = lax.dynamic_update_slice_in_dim(t_v_cache, t_vn, pos, axis=1)
+        t_v_cache_all_1 = lax.dynamic_update_slice(t_v_cache_all, t_vn[None], (i_l, 0, pos, 0, 0))  # in place: layer i_l, position pos
+        t_v_cache_new = lax.dynamic_index_in_dim(t_v_cache_all_1, i_l, 0, keepdims=False)
         t_vc = t_v_cache_new
         # sc[b, g@x, r, t, s] = qr[b, t, g, r, k] * kc[b, s, g, k] {split=[g(x)]}
         t_sc = jnp.einsum('abcde,afce->acdbf', t_qr, t_kc, preferred_element_type=F32, precision=HIGHEST)
@@ -174,9 +177,8 @@ def prefill(params, state, inputs, pos):
         t_mlp = lax.psum(t_mlp, ('x', 'y'))
         # x2[b, t, d] = x1[b, t, d] + mlp[b, t, d]
         t_x2 = t_x1 + t_mlp
-        return t_x2, (t_k_cache_new, t_v_cache_new)
-    t_xl, ys = lax.scan(layer_xl, t_x0, (t_attn_norm_all, t_wq_all, t_wk_all, t_wv_all, t_wo_all, t_mlp_norm_all, t_w_gate_all, t_w_up_all, t_w_down_all, t_k_cache_all, t_v_cache_all))
-    (t_k_cache_next, t_v_cache_next) = ys
+        return (t_x2, (t_k_cache_all_1, t_v_cache_all_1)), None
+    (t_xl, (t_k_cache_next, t_v_cache_next)), _ = lax.scan(layer_xl, (t_x0, (t_k_cache_all, t_v_cache_all)), (jnp.arange(2, dtype=jnp.int32), (t_attn_norm_all, t_wq_all, t_wk_all, t_wv_all, t_wo_all, t_mlp_norm_all, t_w_gate_all, t_w_up_all, t_w_down_all)))
     # msf[b, t] = mean(xl[b, t, d] * xl[b, t, d])
     t_msf = jnp.sum(t_xl * t_xl, axis=(2,))
     t_msf = t_msf / 64.0
@@ -212,9 +214,10 @@ def decode(params, state, inputs, pos):
     t_x0 = jnp.where(hit_v[:, :, None], t_x0, 0)
     t_x0 = lax.psum(t_x0, ('x', 'y'))
     # xl[b, t, d] = repeat l (x = x0)
-    def layer_xl(t_x, xs):
-        """One layer: xl carries x [b=2, t=1, d=64]."""
-        (t_attn_norm, t_wq, t_wk, t_wv, t_wo, t_mlp_norm, t_w_gate, t_w_up, t_w_down, t_k_cache, t_v_cache) = xs
+    def layer_xl(carry1, xs):
+        """One layer (l = i_l): xl carries x [b=2, t=1, d=64] and the stacked state, written in place."""
+        t_x, (t_k_cache_all, t_v_cache_all) = carry1
+        i_l, (t_attn_norm, t_wq, t_wk, t_wv, t_wo, t_mlp_norm, t_w_gate, t_w_up, t_w_down) = xs
         # ms1[b, t] = mean(x[b, t, d] * x[b, t, d])
         t_ms1 = jnp.sum(t_x * t_x, axis=(2,))
         t_ms1 = t_ms1 / 64.0
@@ -239,10 +242,12 @@ def decode(params, state, inputs, pos):
         lo1, hi1 = jnp.split(t_kn, 2, axis=3)
         t_kr = t_kn * cos1[None, :, None, :] + jnp.concatenate([-hi1, lo1], axis=3) * sin1[None, :, None, :]
         # kc[b, s, g@x, k] = write(k_cache[b, s, g, k], kr[b, t, g, k]) {split=[g(x)]}
-        t_k_cache_new = lax.dynamic_update_slice_in_dim(t_k_cache, t_kr, pos, axis=1)
+        t_k_cache_all_1 = lax.dynamic_update_slice(t_k_cache_all, t_kr[None], (i_l, 0, pos, 0, 0))  # in place: layer i_l, position pos
+        t_k_cache_new = lax.dynamic_index_in_dim(t_k_cache_all_1, i_l, 0, keepdims=False)
         t_kc = t_k_cache_new
         # vc[b, s, g@x, k] = write(v_cache[b, s, g, k], vn[b, t, g, k]) {split=[g(x)]}
-        t_v_cache_new = lax.dynamic_update_slice_in_dim(t_v_cache, t_vn, pos, axis=1)
+        t_v_cache_all_1 = lax.dynamic_update_slice(t_v_cache_all, t_vn[None], (i_l, 0, pos, 0, 0))  # in place: layer i_l, position pos
+        t_v_cache_new = lax.dynamic_index_in_dim(t_v_cache_all_1, i_l, 0, keepdims=False)
         t_vc = t_v_cache_new
         # sc[b, g@x, r, t, s] = qr[b, t, g, r, k] * kc[b, s, g, k] {split=[g(x)]}
         t_sc = jnp.einsum('abcde,afce->acdbf', t_qr, t_kc, preferred_element_type=F32, precision=HIGHEST)
@@ -280,9 +285,8 @@ def decode(params, state, inputs, pos):
         t_mlp = lax.psum(t_mlp, ('x', 'y'))
         # x2[b, t, d] = x1[b, t, d] + mlp[b, t, d]
         t_x2 = t_x1 + t_mlp
-        return t_x2, (t_k_cache_new, t_v_cache_new)
-    t_xl, ys = lax.scan(layer_xl, t_x0, (t_attn_norm_all, t_wq_all, t_wk_all, t_wv_all, t_wo_all, t_mlp_norm_all, t_w_gate_all, t_w_up_all, t_w_down_all, t_k_cache_all, t_v_cache_all))
-    (t_k_cache_next, t_v_cache_next) = ys
+        return (t_x2, (t_k_cache_all_1, t_v_cache_all_1)), None
+    (t_xl, (t_k_cache_next, t_v_cache_next)), _ = lax.scan(layer_xl, (t_x0, (t_k_cache_all, t_v_cache_all)), (jnp.arange(2, dtype=jnp.int32), (t_attn_norm_all, t_wq_all, t_wk_all, t_wv_all, t_wo_all, t_mlp_norm_all, t_w_gate_all, t_w_up_all, t_w_down_all)))
     # msf[b, t] = mean(xl[b, t, d] * xl[b, t, d])
     t_msf = jnp.sum(t_xl * t_xl, axis=(2,))
     t_msf = t_msf / 64.0

@@ -101,8 +101,15 @@ H100 = Hardware(
     name="h100", flops_bf16=989e12, flops_int8=1979e12, hbm_bandwidth=3.35e12, hbm_bytes=80e9,
     link=Link(450e9, 2e-6), combine="min", node_size=8, inter_node=Link(50e9, 5e-6),
     source="NVIDIA H100 SXM datasheet (dense); scaling book GPU chapter")
-H200 = replace(H100, name="h200", hbm_bandwidth=4.8e12, hbm_bytes=141e9,
-               source="NVIDIA H200 SXM datasheet (dense); scaling book GPU chapter")
+# H200: measured on one NVIDIA H200 (device tool, JAX 0.11.2, 2026-12-02) by
+# benchmarks/calibrate.py, file benchmarks/results/hardware-h200.toml: bf16
+# 8192^3 products on random data 722 TFLOP/s (datasheet 989), int8 1068 TOP/s
+# (datasheet 1979), HBM 3.69 TB/s as a 4 GiB device-to-device copy (datasheet
+# 4.8). Capacity and NVLink are the datasheet's (links not measured: one GPU).
+H200 = replace(H100, name="h200", flops_bf16=722.5e12, flops_int8=1068.4e12, hbm_bandwidth=3.69e12,
+               hbm_bytes=141e9,
+               source="measured: benchmarks/results/hardware-h200.toml (benchmarks/calibrate.py); "
+                      "capacity and links: NVIDIA H200 SXM datasheet")
 # A CPU "mesh" of simulated devices for tests: made-up, round numbers.
 CPU = Hardware(
     name="cpu", flops_bf16=1e11, flops_int8=1e11, hbm_bandwidth=2e10, hbm_bytes=16e9,

@@ -1,0 +1,45 @@
+#!/bin/bash
+# The device session for issue 7 on one H200 (device tool): calibrate, then the
+# decode/prefill benchmark. Run from the checkout root with einpart importable;
+# BASE (optional) is an older einpart checkout measured for comparison.
+# Usage: OUT=dir bash benchmarks/run_h200.sh STAGE   (STAGE: 1, 2, ...)
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/hlo
+stage=${1:-1}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee -a "$OUT/run.log"
+if [ "$stage" = 1 ]; then
+  python3 benchmarks/calibrate.py --base h200 --name h200 --out "$OUT" 2>&1 | tee -a "$OUT/run.log" || exit 1
+  HW="$OUT/hardware-h200.toml"
+  if [ -n "$BASE" ]; then
+    python3 benchmarks/decode.py --einpart "$BASE" --label base --batches 1,64 --prefill none --layers scan \
+      --baseline "" --hardware "$HW" --dump-hlo /tmp/hlo --tag=-base --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  fi
+  python3 benchmarks/decode.py --batches 1,64 --prefill 8x2048 --layers scan --int8 scan --baseline unroll,scan \
+    --hardware "$HW" --dump-hlo /tmp/hlo --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  tar -czf "$OUT/hlo.tgz" -C /tmp hlo
+fi
+if [ "$stage" = 2 ]; then
+  python3 benchmarks/calibrate.py --base h200 --name h200 --out "$OUT" 2>&1 | tee -a "$OUT/run.log" || exit 1
+  HW="$OUT/hardware-h200.toml"
+  python3 benchmarks/decode.py --batches 1,64 --prefill 8x2048 --layers unroll --int8 scan --baseline scan \
+    --hardware "$HW" --dump-hlo /tmp/hlo --tag=-run2 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true python3 benchmarks/decode.py --label dsfusion --batches 1,64 \
+    --prefill none --layers scan --baseline "" --hardware "$HW" --tag=-dsfusion --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  if [ -n "$BASE" ]; then
+    python3 benchmarks/decode.py --einpart "$BASE" --label base --batches 64 --prefill none --layers scan \
+      --baseline "" --hardware "$HW" --tag=-base --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  fi
+  tar -czf "$OUT/hlo.tgz" -C /tmp hlo
+fi
+if [ "$stage" = 3 ]; then
+  HW=benchmarks/results/hardware-h200.toml
+  python3 benchmarks/decode.py --batches 1,64 --prefill 8x2048 --layers scan,unroll --int8 scan --baseline scan \
+    --hardware "$HW" --tag=-run3 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  python3 benchmarks/decode.py --batches 1 --prefill none --layers "" --baseline unroll \
+    --hardware "$HW" --tag=-plain-unroll --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+fi
+if [ "$stage" = 4 ]; then
+  python3 benchmarks/decode.py --batches 1 --prefill none --layers unroll --int8 unroll --baseline unroll \
+    --hardware benchmarks/results/hardware-h200.toml --tag=-run4 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+fi
