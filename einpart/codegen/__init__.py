@@ -1,6 +1,7 @@
 """Lowering: a planned graph -> the source of a Python module of jax.shard_map programs.
 
-generate_source(graph, layers="scan"|"unroll") is the entry point (lower.py);
+generate_source(graph, layers="scan"|"unroll") is the entry point (lower.py, which
+assembles the module from program.py, prepare.py and their emitters);
 plans.py sets plans by hand (set_plan), at random (random_plan) or by a simple
 built-in rule (simple_plan, Megatron-style), and registers the `plan` pass.
 Nothing here imports jax: the generated text does."""

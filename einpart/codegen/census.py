@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-# `pmax(` alone is the module's differentiable helper (lower.PMAX_HELPER) around lax.pmax
+# `pmax(` alone is the module's differentiable helper (collectives.PMAX_HELPER) around lax.pmax
 COLLECTIVE_CALL = re.compile(r"(?<![\w.])(?:lax\.)?(psum_scatter|psum|pmax|all_gather|all_to_all)\(")
 
 
