@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
     from einpart.codegen.lower import program_graphs, split_prepare
-    from einpart.codegen.plans import simple_plan
+    from einpart.passes.plans import simple_plan
     from einpart.ir.parser import parse_file
     from einpart.passes import run_pipeline
     from einpart.passes.shard.report import price_graph

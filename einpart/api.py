@@ -55,7 +55,7 @@ def load_graph(spec, sizes: dict | None = None) -> g.Graph:
 
 def _plan_pass(kind: str, mesh: dict, hardware: str, phase: str, batch: int, context: int, prompt: int,
                steps: int, memory_limit, time_limit: float, seed: int):
-    from .codegen.plans import mesh_text
+    from .passes.plans import mesh_text
     from .passes.manager import make_pass
     if kind == "shard":
         return make_pass("shard", {"mesh": mesh_text(mesh), "hardware": str(hardware), "phase": phase,
@@ -80,7 +80,7 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
     simulated CPU devices (before JAX starts). weights: None (random from `seed`), a
     safetensors path, or a dict of arrays. dump_dir: write every pass's IR there.
     """
-    from .codegen.plans import parse_mesh
+    from .passes.plans import parse_mesh
     from .passes import parse_pipeline, run_pipeline
     from .passes.shard.phases import overrides
     from .ir.parser import override_sizes

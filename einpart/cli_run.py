@@ -35,13 +35,13 @@ BF16_RTOL, BF16_ATOL = 5e-2, 2e-2
 
 
 def _mesh(args) -> dict[str, int]:
-    from .codegen.plans import parse_mesh
+    from .passes.plans import parse_mesh
     return parse_mesh(args.mesh)
 
 
 def plan_pipeline(mesh: dict[str, int], kind: str | None = None, seed: int = 0, before: str | None = None,
                   hardware: str = "cpu") -> str:
-    from .codegen.plans import mesh_text
+    from .passes.plans import mesh_text
     kind = kind or DEFAULT_PLAN
     if kind not in PLANS:
         raise EinpartError(f"plan must be one of {', '.join(PLANS)}, got '{kind}'")

@@ -109,7 +109,7 @@ def test_cli_plan_explain_json(capsys):
 
 
 def test_a_plan_the_planner_cannot_express_is_a_clear_error():
-    from einpart.codegen.plans import set_plan
+    from einpart.passes.plans import set_plan
     graph = einpart.parse_file(spec_path("llama"))
     hand = set_plan(graph, {"x": 2, "y": 4}, layouts={"wq": {"k": ("x",)}})   # rope pairs are never split
     with pytest.raises(einpart.EinpartError) as e:

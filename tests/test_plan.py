@@ -272,7 +272,7 @@ def test_no_solution_in_time_falls_back_to_simple_plan(capsys):
     """No plan found at all in time (the limit is spent before the memory-limited
     search starts): the plan is codegen's simple plan, priced, and both the plan's
     note and `einpart plan` say so."""
-    from einpart.codegen.plans import simple_plan
+    from einpart.passes.plans import simple_plan
     from einpart.passes.shard.phases import make_phases, sized
     limit = plan(tiny(), "x=2,y=4", "tpu-v4", "decode", memory_limit=None).phases["decode"].memory_bytes * 0.8
     p = plan(tiny(), "x=2,y=4", "tpu-v4", "decode", memory_limit=limit, time_limit=1e-4)

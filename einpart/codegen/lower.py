@@ -40,7 +40,7 @@ from ..ir.verify import index_sizes, resolve_sizes
 from .code import spec_code, tuple_code
 from .collectives import PMAX_HELPER
 from .names import check_identifier, docstring_text, literal, number
-from .plans import specialize
+from ..passes.plans import specialize
 from .prepare import PrepareProgram, split_prepare
 from .program import StepProgram
 

@@ -90,7 +90,7 @@ def cmd_pareto(args) -> int:
 def cmd_report(args) -> int:
     from ..cli_run import _before, plan_graph
     from ..codegen import generate_source
-    from ..codegen.plans import parse_mesh
+    from ..passes.plans import parse_mesh
     from .html import write_report
     mesh = parse_mesh(args.mesh)
     graph = load_spec(args)

@@ -36,7 +36,7 @@ from ..ir.model import step_axes
 from ..ir.shapes import decl_shapes
 from ..ir.verify import index_sizes, resolve_sizes, verify
 from ..codegen.lower import LAYER_MODES, generate_source, program_graphs, split_prepare
-from ..codegen.plans import parse_mesh, simple_plan
+from ..passes.plans import parse_mesh, simple_plan
 from .. import progress
 from .devices import make_mesh, simulate_cpu_devices
 from .weights import NUMPY_DTYPE, load_weights

@@ -163,7 +163,7 @@ def run(argv=None, watchdog: Watchdog | None = None) -> dict:
     import numpy as np
     from ..cli_ir import load_spec
     from ..cli_run import plan_graph
-    from ..codegen.plans import parse_mesh
+    from ..passes.plans import parse_mesh
     from .executable import Executable
     dog.enter("build")
     graph = load_spec(args)

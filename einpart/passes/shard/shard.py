@@ -225,7 +225,7 @@ def fallback_plan(graph: g.Graph, mesh, hw, phases, limit, why: str, t0: float) 
     """The plan when the solver found none in time: codegen's simple plan (1D
     tensor parallelism, Megatron style), priced like any other, with a note
     that says so (and whether it fits in memory)."""
-    from ...codegen.plans import simple_plan   # numpy-only; imported here as passes come before codegen
+    from ..plans import simple_plan
     per_phase, reports = {}, {}
     for ph in phases:
         pg = simple_plan(sized(graph, ph), dict(mesh))

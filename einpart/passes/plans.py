@@ -32,7 +32,7 @@ from ..ir.layout import (parts, plan_stmt, reduced_indices, split_attr, split_pr
                          stmt_split, type_layout, with_layout, ref_layout)
 from ..ir.parser import override_sizes
 from ..ir.verify import index_sizes, resolve_sizes, verify
-from ..passes.manager import Pass, register_pass
+from .manager import Pass, register_pass
 
 DEFAULT_AXIS_NAMES = ("x", "y", "z", "w")
 
@@ -389,7 +389,7 @@ class PlanPass(Pass):
     def apply(self, graph: g.Graph) -> g.Graph:
         mesh = parse_mesh(self.mesh)
         if self.kind in FORCED_KINDS:
-            from ..passes.shard.forced import plan_forced
+            from .shard.forced import plan_forced
             return plan_forced(graph, self.kind, tuple(mesh.items()), self.hardware, seed=self.seed).graph
         if self.kind == "simple":
             return simple_plan(graph, mesh)
