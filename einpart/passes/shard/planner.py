@@ -44,7 +44,7 @@ from ...ir import graph as g
 from ...ir import layout as lay
 from ...ir.analysis import param_only
 from ...ir.shapes import DTYPE_BYTES
-from . import ilp
+from . import ilp, polish
 from .cost import (FORBIDDEN, Pricer, StmtStrategy, enumerate_layouts, layout_key, local_bytes,
                    ReshardTable, stmt_strategies)
 from .hardware import Hardware
@@ -539,12 +539,33 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
                            time_limit, deterministic)
         rounds += best.rounds
         lower = max(lower, best.bound)
+    best = _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best, rounds,
+                     math.inf if deterministic else max(until, time.perf_counter() + 0.1 * time_limit))
     obj = best.solution.objective
     gap = max(0.0, (obj - lower) / max(abs(obj), 1e-30))
     proved = best.status == "optimal" and gap <= 1e-9
     note = "" if proved else best.note or "gap to the phases' separate optima (weights shared by both)"
     return Solved(best.built, best.solution, min(lower, obj), 0.0 if proved else gap,
                   "optimal" if proved else "feasible", rounds, note)
+
+
+def _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best: Solved, rounds: list,
+              until: float) -> Solved:
+    """best, improved by one-node changes on the exact joint graph with the stored
+    layouts free (polish.py: recovers weights that neither phase alone picks)."""
+    t0 = time.perf_counter()
+    exact = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune).build(limit)
+    got = polish.polish(best, exact, memory_of, limit, until)
+    rounds.append({"model": "joint, one-node changes", "status": "improved" if got else "unchanged",
+                   "objective": got[1] if got else best.solution.objective, "bound": -math.inf,
+                   "changes": got[2] if got else 0, "wall_s": time.perf_counter() - t0, **exact.stats})
+    if got is None:
+        return best
+    x, obj, moves = got
+    old = best.solution
+    sol = ilp.Solution(x, obj, old.bound, old.gap, old.status, old.wall_s + time.perf_counter() - t0,
+                       dict(old.stats, polish_changes=moves))
+    return replace(best, built=exact, solution=sol)
 
 
 def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: float | None,
