@@ -221,6 +221,7 @@ def test_the_planners_long_context_plan_matches_the_reference():
     small = small_palm()
     planned = transfer(palm_long_context_plan().graph, small)
     assert lay.type_layout(planned.decl("k_cache").type)["s"] == ("x",)
+    assert lay.stmt_split(planned.stmt("z")) == lay.stmt_split(planned.stmt("o_raw")) == {"s": ("x",)}
     run_against_reference(planned, small, batch=1, prompt_len=14, steps=4)
 
 
@@ -240,3 +241,30 @@ def test_split_k_attention_is_one_pmax_and_one_psum():
         assert emitted["layer"] == merged["layer"] == 2 and alone["layer"] == 3
         assert emitted["outside"] == merged["outside"] == 0
     run_against_reference(planned, small, batch=1, prompt_len=14, steps=4)
+
+
+def test_the_planner_counts_merged_reductions(monkeypatch):
+    """With merge-pair edges the planner sees that split-K's exp-sum and e . v share one
+    psum, and that after defer-norm the d-sharded norm statistic shares one with the
+    projections it scales: on the long-context PaLM it picks the split-K combine (one
+    pmax, one psum for attention) and its plan holds both merged groups. The objective
+    is the repricing (each reduction alone, less one latency per credited pair); the
+    program codegen emits costs no more, and its collectives are the priced ones.
+    Without the pair edges the same planner picks a dearer plan without the combine."""
+    p = palm_long_context_plan()
+    assert p.status == "optimal" and p.stats["merge_pairs"] > 0
+    assert p.objective == pytest.approx(p.stats["objective_repriced"], rel=1e-6)
+    assert p.stats["objective_merged"] <= p.stats["objective_repriced"] * (1 + 1e-9)
+    for n in ("sc", "mx", "e", "z", "o_raw"):
+        assert lay.stmt_split(p.graph.stmt(n)) == {"s": ("x",)}, n
+    ops = {d for s in p.phases["decode"].stmts if s.in_repeat for d, _ in s.collectives}
+    assert "psum(x) on (z, o_raw)" in ops and "pmax(x)" in ops
+    norm = [d for d in ops if " on (" in d and "var" in d.split(" on ")[1]]
+    assert len(norm) == 1 and "q_raw" in norm[0], ops
+    for phase, (emitted, merged, alone) in census_of(p.graph, "tpu-v4").items():
+        assert emitted["layer"] == merged["layer"] < alone["layer"], phase
+        assert emitted["outside"] == merged["outside"], phase
+    monkeypatch.setattr(lay, "merge_partners", lambda stmts, exclude=frozenset(): [])
+    old = palm_long_context_plan.__wrapped__()
+    assert old.stats["merge_pairs"] == 0 and old.objective > p.objective * (1 + 1e-3)
+    assert lay.stmt_split(old.graph.stmt("z")) != {"s": ("x",)}

@@ -239,12 +239,56 @@ class Group:
         return f"{self.kind}({','.join(self.axes)}) on ({', '.join(self.members)})"
 
 
-def merge_key(comm: StmtComm) -> tuple | None:
-    """(kind, axes) of a statement's reduction when it is one psum or pmax (the
-    collectives a tuple can share), else None."""
-    if len(comm.reduce) == 1 and comm.reduce[0].kind in ("psum", "pmax"):
-        return comm.reduce[0].kind, comm.reduce[0].axes
+def reduce_key(reduce) -> tuple | None:
+    """(kind, axes) of a reduction (a tuple of Collective) when it is one psum or
+    pmax (the collectives a tuple can share), else None."""
+    if len(reduce) == 1 and reduce[0].kind in ("psum", "pmax"):
+        return reduce[0].kind, reduce[0].axes
     return None
+
+
+def merge_key(comm: StmtComm) -> tuple | None:
+    """reduce_key of a statement's planned reduction."""
+    return reduce_key(comm.reduce)
+
+
+def merge_partners(stmts, exclude=frozenset()) -> list[tuple[str, str]]:
+    """Pairs (a, b) of a block's reducing statements whose reductions the planner
+    prices as one collective when both end up with the same merge key.
+
+    Structural, so the strategy graph can hold one edge per pair: b is a later
+    statement that reduces (sum or max, like a) and does not read a, directly
+    or through other statements of the block; every b has at most one partner,
+    so the credited pairs form a forest. The partner is the nearest earlier
+    such statement that reduces the same indices (under any split of them
+    they carry the same mesh axes: ms and x . gW over d after defer-norm, the
+    exp-sum and e . v over s); pairs over different indices (PaLM's attention
+    and MLP outputs) are not credited: every pair edge closes a cycle in the
+    strategy graph, and more of them left the solver graphs it could not
+    reduce (see docs/architecture.md). collective_groups
+    then merges b with a, or b joins an earlier group of the same key: either
+    way b's latency term is saved (the ILP's credit is checked against the
+    merged repricing, see docs/architecture.md)."""
+    names = {s.name for s in stmts}
+    anc: dict[str, set] = {}
+    cands = []
+    out = []
+    for s in stmts:
+        up = set()
+        for r in stmt_inputs(s):
+            if r in names:
+                up |= {r} | anc.get(r, set())
+        anc[s.name] = up
+        if isinstance(s.op, g.Repeat) or s.name in exclude or not reduced_indices(s):
+            continue
+        kind = isinstance(s.op, g.Compute) and s.op.reduce == "max"
+        red = frozenset(reduced_indices(s))
+        free = [(a, ar) for a, ak, ar in cands if ak == kind and a not in up]
+        pick = next((a for a, ar in reversed(free) if ar == red), None)
+        if pick is not None:
+            out.append((pick, s.name))
+        cands.append((s.name, kind, red))
+    return out
 
 
 def collective_groups(stmts, comms: dict, exclude=frozenset()) -> list[Group]:

@@ -163,8 +163,9 @@ class Builder:
     """
 
     def __init__(self, graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], fix: dict | None = None,
-                 fold: bool = True, prune: bool = True):
+                 fold: bool = True, prune: bool = True, merge: bool = True):
         self.graph = graph
+        self.merge = merge
         self.mesh = tuple(mesh)
         self.hw = hw
         self.phases = phases
@@ -183,6 +184,7 @@ class Builder:
         self.prepared = param_only(graph)
         self.step_read = step_reads(graph, self.prepared)
         self.prep_prod: dict[str, int] = {}
+        self.pairs = 0
 
     # -- helpers -----------------------------------------------------------
     def _fixed(self, phase: str | None, name: str):
@@ -294,6 +296,9 @@ class Builder:
         self.link(prod, cons, wants, float(nbytes), scale, equal)
 
     def _block(self, block: g.Block, ph: Phase, mult: float, prod: dict, offset: int):
+        partner = {b: a for a, b in lay.merge_partners(block.stmts, self.prepared)} if self.merge else {}
+        self.pairs += len(partner)
+        paired = set(partner) | set(partner.values())
         for s in block.stmts:
             if s.name in self.prepared:
                 continue         # weight preparation: built once (preparation())
@@ -316,7 +321,8 @@ class Builder:
                 continue
             strategies = self._strategies(s, ph)
             scale = mult * ph.weight
-            folded = self.fold and self.uses.get(s.name, 0) == 1 and any(len(st.variants) > 1 for st in strategies)
+            folded = self.fold and s.name not in paired and self.uses.get(s.name, 0) == 1 and \
+                any(len(st.variants) > 1 for st in strategies)
             if folded:
                 choices = [(si, -1) for si in range(len(strategies))]
                 layouts = [None] * len(choices)
@@ -328,13 +334,39 @@ class Builder:
                 usage = [strategies[si].variants[vi].mem for si, vi in choices]
                 cost = [strategies[si].compute_s + strategies[si].variants[vi].reduce_s for si, vi in choices]
             usage = np.array(usage)
+            cost = np.array(cost)
+            if s.name in partner:      # its latency moves onto the pair edge (see merge_edge)
+                cost = cost - self._latency(strategies, choices)
             n = self.add(Node(f"{ph.name}:{s.name}", "stmt", s.name, ph.name, s.type.indices, layouts,
-                              np.array(cost) * scale + usage * BYTE_TIE, usage, span, strategies, choices, scale))
+                              cost * scale + usage * BYTE_TIE, usage, span, strategies, choices, scale))
+            if s.name in partner:
+                self.merge_edge(prod[partner[s.name]], n, scale)
             for r in lay.stmt_refs(s):
                 is_cache = isinstance(s.op, g.Write) and r is s.op.cache
                 wants = [tuple(strategies[si].split.get(i, ()) for i in r.indices) for si, _ in choices]
                 self._ref_link(prod[r.name], n, r.indices, r.name, wants, ph.idx, scale, equal=is_cache)
             prod[s.name] = n
+
+    def _latency(self, strategies, choices) -> np.ndarray:
+        """Per choice: the fixed (latency) seconds of its reduction when it is one
+        psum or pmax (a collective it could share), else 0."""
+        out = []
+        for si, vi in choices:
+            key = lay.reduce_key(strategies[si].variants[vi].reduce)
+            out.append(self.pricer.coef(*key)[1] if key else 0.0)
+        return np.array(out)
+
+    def merge_edge(self, a: int, b: int, scale: float):
+        """Pair edge of two statements whose reductions codegen can merge
+        (layout.merge_partners): b pays its latency term here unless both choices
+        leave one psum (or pmax) over the same mesh axes, when the two run as one
+        collective and a's latency is the group's. Non-negative, like every edge."""
+        A, B = self.nodes[a], self.nodes[b]
+        ka = [lay.reduce_key(A.choice(c)[1].reduce) for c in range(len(A.choices))]
+        kb = [lay.reduce_key(B.choice(c)[1].reduce) for c in range(len(B.choices))]
+        lat = self._latency(B.strategies, B.choices)
+        same = np.array([[x is not None and x == y for y in kb] for x in ka], dtype=bool)
+        self.add_edge(a, b, np.where(same, 0.0, lat[None, :]) * scale)
 
     def _strategies(self, s: g.Statement, ph: Phase, phase: str | None = "", size_maps=None) -> list[StmtStrategy]:
         """Legal strategies of s at ph's sizes (in every size map), narrowed by a fixed split
@@ -377,7 +409,8 @@ class Builder:
                                limit, [n.label for n in self.nodes])
         stats = {"nodes": len(self.nodes), "edges": len(edges),
                  "strategies": int(sum(len(n.cost) for n in self.nodes)),
-                 "layouts": len(self.table.layouts), "reshard_pairs": self.table.pairs, "folded": sum(1 for n in self.nodes if n.fold)}
+                 "layouts": len(self.table.layouts), "reshard_pairs": self.table.pairs, "folded": sum(1 for n in self.nodes if n.fold),
+                 "merge_pairs": self.pairs}
         return Built(sg, self.nodes, self.by_label, stats)
 
 
@@ -470,6 +503,36 @@ class Solved:
     note: str = ""
 
 
+def map_assignment(src: Built, x: list, dst: Built) -> list:
+    """An assignment of `src` as the same choices of `dst` (two strategy graphs of
+    one graph that differ in their pair edges and in which statements are folded)."""
+    out = []
+    for n in dst.nodes:
+        j = src.by_label[n.label]
+        if n.kind != "stmt":
+            out.append(x[j])
+            continue
+        st, var = src.variant(j, x)
+        si = src.nodes[j].choices[x[j]][0]
+        vi = next(k for k, v in enumerate(st.variants) if v is var)
+        out.append(n.choices.index((si, -1) if n.layouts and n.layouts[0] is None else (si, vi)))
+    return out
+
+
+def solve_built(built: Built, plain, **kw) -> ilp.Solution:
+    """Solve a strategy graph with merge-pair edges. The pair edges close cycles
+    the reductions cannot remove, and CP-SAT alone then often stops at worse
+    plans than the graph without them has: so the graph without pair edges
+    (`plain()`, built with merge=False) is solved first and its plan, which the
+    pair graph prices at most as high, is the hint."""
+    if not built.stats.get("merge_pairs"):
+        return ilp.solve(built.sg, **kw)
+    other = plain()
+    first = ilp.solve(other.sg, **kw)
+    hint = map_assignment(other, first.assignment, built) if first.assignment else None
+    return ilp.solve(built.sg, hint=hint, **kw)
+
+
 def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: float | None,
                time_limit: float, workers: int, fix: dict | None, prune: bool, seed: int,
                memory_of, deterministic: bool = False) -> Solved:
@@ -492,12 +555,20 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     lower, cands, rounds = 0.0, [], []
     for ph in phases:
         built = Builder(graph, mesh, hw, [ph], fix, fold=True, prune=prune).build(None)
+        slack = None
         if limit is not None:
             floor = memory_floor(built, [ph])
             if sum(floor.values()) > limit:
                 raise memory_error(floor, limit, hw, devices)
-            rule_out_oversized(built, limit - sum(floor.values()))
-        sol = ilp.solve(built.sg, time_limit=left(), seed=seed, workers=workers, deterministic=deterministic)
+            slack = limit - sum(floor.values())
+            rule_out_oversized(built, slack)
+
+        def plain(ph=ph, slack=slack):
+            b = Builder(graph, mesh, hw, [ph], fix, fold=True, prune=prune, merge=False).build(None)
+            if slack is not None:
+                rule_out_oversized(b, slack)
+            return b
+        sol = solve_built(built, plain, time_limit=left(), seed=seed, workers=workers, deterministic=deterministic)
         rounds.append({"model": f"{ph.name} alone (bound)", "status": sol.status, "objective": sol.objective,
                        "bound": sol.bound, "wall_s": sol.wall_s, **built.stats})
         if sol.status in ("infeasible", "unknown"):
@@ -587,7 +658,13 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
         if sum(floor.values()) > limit:
             raise memory_error(floor, limit, hw, devices)
         rule_out_oversized(built, limit - sum(floor.values()))
-    sol = ilp.solve(built.sg, time_limit=time_limit, seed=seed, workers=workers, deterministic=deterministic)
+
+    def plain():
+        b = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune, merge=False).build(None)
+        if limit is not None:
+            rule_out_oversized(b, limit - sum(memory_floor(b, phases).values()))
+        return b
+    sol = solve_built(built, plain, time_limit=time_limit, seed=seed, workers=workers, deterministic=deterministic)
     rounds = [{"model": "unlimited", "status": sol.status, "objective": sol.objective, "bound": sol.bound,
                "wall_s": sol.wall_s, **built.stats}]
     if sol.status == "infeasible":
@@ -602,7 +679,12 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
     left = max(time_limit - (time.perf_counter() - t0), 0.25 * time_limit)
     exact = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune).build(limit)
     rule_out_oversized(exact, limit - sum(memory_floor(exact, phases).values()))
-    sol = ilp.solve(exact.sg, time_limit=left, seed=seed, workers=workers, deterministic=deterministic)
+
+    def plain_exact():
+        b = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune, merge=False).build(limit)
+        rule_out_oversized(b, limit - sum(memory_floor(b, phases).values()))
+        return b
+    sol = solve_built(exact, plain_exact, time_limit=left, seed=seed, workers=workers, deterministic=deterministic)
     rounds.append({"model": "memory-limited", "status": sol.status, "objective": sol.objective,
                    "bound": sol.bound, "wall_s": sol.wall_s, **exact.stats})
     if sol.status == "infeasible":

@@ -290,3 +290,31 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
             rep.input_bytes += per
     rep.activation_bytes = activation_peak(graph, idx, pricer.size, prepared)
     return rep
+
+
+def pair_credit(graph: g.Graph, hardware) -> float:
+    """Seconds per step the planner's strategy graph credits an annotated
+    single-phase graph for merged reductions: one latency term per pair
+    (layout.merge_partners) whose two reductions are one psum (or pmax) over the
+    same mesh axes. price_graph(merge=False).step_s minus this is what the
+    planner's objective prices; price_graph(merge=True) is what codegen runs."""
+    hw = load_hardware(hardware)
+    pricer = Pricer(hw, graph.mesh or (("x", 1),))
+    idx = index_sizes(graph, resolve_sizes(graph))
+    types = graph.types()
+    prepared = param_only(graph)
+    total = 0.0
+
+    def walk(block: g.Block, count: int):
+        nonlocal total
+        keys = {s.name: lay.merge_key(lay.plan_stmt(s, types, lay.stmt_split(s))) for s in block.stmts
+                if not isinstance(s.op, g.Repeat)}
+        for a, b in lay.merge_partners(block.stmts, prepared):
+            if keys[a] is not None and keys[a] == keys[b]:
+                total += pricer.coef(*keys[b])[1] * count
+        for s in block.stmts:
+            if isinstance(s.op, g.Repeat):
+                walk(s.op.body, count * idx[s.op.index])
+
+    walk(graph.body, 1)
+    return total

@@ -30,7 +30,7 @@ from . import planner as pl
 from .hardware import load_hardware
 from .mesh import mesh_devices, parse_mesh
 from .phases import find_roles, make_phases, sized, with_size
-from .report import PhaseReport, price_graph
+from .report import PhaseReport, pair_credit, price_graph
 
 PHASE_KEYS = ("split", "layout", "comm", "us")
 
@@ -209,9 +209,11 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     final = per_phase[phases[0].name] if len(phases) == 1 else _merge(per_phase["decode"], per_phase["prefill"])
     final = verify(final)
     t3 = time.perf_counter()
-    # the strategy graph prices every reduction alone: re-price it so; the reports
-    # price the program codegen emits, with merged reductions (objective_merged)
-    check = sum(ph.weight * price_graph(per_phase[ph.name], hw, ph.name, merge=False).step_s for ph in phases) + \
+    # the strategy graph prices every reduction alone but credits one latency per merged
+    # pair (report.pair_credit): re-price it so; the reports price the program codegen
+    # emits, with merged reductions (objective_merged, at most objective_repriced)
+    check = sum(ph.weight * (price_graph(per_phase[ph.name], hw, ph.name, merge=False).step_s
+                             - pair_credit(per_phase[ph.name], hw)) for ph in phases) + \
         pl.PREPARE_WEIGHT * reports[phases[0].name].prepare_s
     merged = sum(ph.weight * reports[ph.name].step_s for ph in phases)
     stats = dict(built.stats, rounds=solved.rounds, solver=_jsonable(sol.stats), objective_repriced=check,
