@@ -129,19 +129,21 @@ def main(argv=None) -> int:
         for hw in args.hardware:
             for pipeline in ("", "defer-norm"):
                 graph = run_pipeline(base, ",".join(["cast{dtype=bf16}"] + ([pipeline] if pipeline else []))).graph
-                p = plan(graph, "x=8", hw, "decode", batch=args.batch, context=args.context, memory_limit=None,
-                         time_limit=args.time_limit)
-                add(model, hw, pipeline, "planner", p.graph, f"batch {args.batch}, context {args.context}, "
-                    f"no memory limit; solver {p.status}")
+                for pairs in (False, True):
+                    p = plan(graph, "x=8", hw, "decode", batch=args.batch, context=args.context, memory_limit=None,
+                             time_limit=args.time_limit, merge_pairs=pairs)
+                    add(model, hw, pipeline, "planner+pairs" if pairs else "planner", p.graph,
+                        f"batch {args.batch}, context {args.context}, no memory limit; solver {p.status}")
                 add(model, hw, pipeline, "d-sharded", d_sharded(graph))
     long = parse_file(ROOT / "examples" / "palm.ein", dict(MODELS["palm"], B=1, S=32768))
     for pipeline in ("", "defer-norm"):
         graph = run_pipeline(long, ",".join(["cast{dtype=bf16}"] + ([pipeline] if pipeline else []))).graph
-        p = plan(graph, "x=8", "tpu-v4", "decode", batch=1, context=32768, memory_limit=137e9,
-                 time_limit=args.time_limit)
-        cache = lay.type_layout(p.graph.decl("k_cache").type)
-        add("palm", "tpu-v4", pipeline, "planner b1 s32k", p.graph,
-            f"batch 1, context 32768, memory limit 137 GB; cache {cache}; solver {p.status}")
+        for pairs in (False, True):
+            p = plan(graph, "x=8", "tpu-v4", "decode", batch=1, context=32768, memory_limit=137e9,
+                     time_limit=args.time_limit, merge_pairs=pairs)
+            cache = lay.type_layout(p.graph.decl("k_cache").type)
+            add("palm", "tpu-v4", pipeline, "planner+pairs b1 s32k" if pairs else "planner b1 s32k", p.graph,
+                f"batch 1, context 32768, memory limit 137 GB; cache {cache}; solver {p.status}")
         p = plan(graph, "x=8", "tpu-v4", "decode", batch=1, context=32768, memory_limit=137e9,
                  time_limit=args.time_limit, fix=split_k_fix(graph))
         add("palm", "tpu-v4", pipeline, "split-K hand b1 s32k", split_k(graph),

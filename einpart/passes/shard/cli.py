@@ -150,7 +150,8 @@ def cmd_plan(args) -> int:
             p = plan_forced(graph, args.force, args.mesh, args.hardware, time_limit=args.time_limit,
                             workers=args.workers, **options)
         else:
-            p = plan(graph, args.mesh, args.hardware, time_limit=args.time_limit, workers=args.workers, **options)
+            p = plan(graph, args.mesh, args.hardware, time_limit=args.time_limit, workers=args.workers,
+                     merge_pairs=args.merge_pairs, **options)
     why = None
     if args.explain:
         from .explain import explain
@@ -209,6 +210,8 @@ def register(sub) -> None:
     p.add_argument("--kv-fraction", type=float, default=0.3, metavar="F", help="--report context: HBM share of the KV cache")
     p.add_argument("--kv-layout", default="heads,batch", metavar="L",
                    help="--report context: cache layouts to compare (heads, batch, auto)")
+    p.add_argument("--merge-pairs", action="store_true",
+                   help="let the ILP price merged reductions (slower to prove; codegen merges either way)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--explain", action="store_true",
                    help="print why each layout won: its cost against the runner-up")

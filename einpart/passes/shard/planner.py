@@ -163,7 +163,7 @@ class Builder:
     """
 
     def __init__(self, graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], fix: dict | None = None,
-                 fold: bool = True, prune: bool = True, merge: bool = True):
+                 fold: bool = True, prune: bool = True, merge: bool = False):
         self.graph = graph
         self.merge = merge
         self.mesh = tuple(mesh)
@@ -535,8 +535,8 @@ def solve_built(built: Built, plain, **kw) -> ilp.Solution:
 
 def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: float | None,
                time_limit: float, workers: int, fix: dict | None, prune: bool, seed: int,
-               memory_of, deterministic: bool = False) -> Solved:
-    """One phase: solve_phase. Prefill and decode together: the phases share only
+               memory_of, deterministic: bool = False, merge: bool = False) -> Solved:
+    """One phase: solve_phase. merge: price merged reductions (Builder merge pairs). Prefill and decode together: the phases share only
     the declarations (weights, KV cache), and the joint strategy graph is much
     harder for the solver than either phase alone. So each phase is solved on
     its own (a relaxation: the sum of their optima, weighted, bounds the joint
@@ -545,7 +545,7 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     kept with its gap to that bound (0 when a phase's weights suit both)."""
     if len(phases) == 1:
         return solve_phase(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed, memory_of,
-                           deterministic=deterministic)
+                           deterministic=deterministic, merge=merge)
     devices = math.prod(s for _, s in mesh)
     until = time.perf_counter() + time_limit
 
@@ -554,7 +554,7 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
 
     lower, cands, rounds = 0.0, [], []
     for ph in phases:
-        built = Builder(graph, mesh, hw, [ph], fix, fold=True, prune=prune).build(None)
+        built = Builder(graph, mesh, hw, [ph], fix, fold=True, prune=prune, merge=merge).build(None)
         slack = None
         if limit is not None:
             floor = memory_floor(built, [ph])
@@ -573,7 +573,7 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
                        "bound": sol.bound, "wall_s": sol.wall_s, **built.stats})
         if sol.status in ("infeasible", "unknown"):
             return solve_phase(graph, mesh, hw, phases, limit, left(), workers, fix, prune, seed, memory_of,
-                               time_limit, deterministic)
+                               time_limit, deterministic, merge)
         lower += sol.bound
         sizes = dict(mesh)
         cand = {}
@@ -595,7 +595,7 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     for cand in cands:
         try:
             got = solve_phase(graph, mesh, hw, phases, limit, left(), workers, {**cand, **(fix or {})},
-                              prune, seed, memory_of, time_limit, deterministic)
+                              prune, seed, memory_of, time_limit, deterministic, merge)
         except NoPlanInTime:
             if best is None and cand is cands[-1]:
                 raise
@@ -607,10 +607,10 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
             best = got
     if best is None:      # no phase's weights serve both: the joint model, as it is
         best = solve_phase(graph, mesh, hw, phases, limit, left(), workers, fix, prune, seed, memory_of,
-                           time_limit, deterministic)
+                           time_limit, deterministic, merge)
         rounds += best.rounds
         lower = max(lower, best.bound)
-    best = _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best, rounds,
+    best = _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best, rounds, merge,
                      math.inf if deterministic else max(until, time.perf_counter() + 0.1 * time_limit))
     obj = best.solution.objective
     gap = max(0.0, (obj - lower) / max(abs(obj), 1e-30))
@@ -621,11 +621,11 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
 
 
 def _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best: Solved, rounds: list,
-              until: float) -> Solved:
+              merge: bool, until: float) -> Solved:
     """best, improved by one-node changes on the exact joint graph with the stored
     layouts free (polish.py: recovers weights that neither phase alone picks)."""
     t0 = time.perf_counter()
-    exact = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune).build(limit)
+    exact = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune, merge=merge).build(limit)
     got = polish.polish(best, exact, memory_of, limit, until)
     rounds.append({"model": "joint, one-node changes", "status": "improved" if got else "unchanged",
                    "objective": got[1] if got else best.solution.objective, "bound": -math.inf,
@@ -641,7 +641,8 @@ def _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best: Solve
 
 def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: float | None,
                 time_limit: float, workers: int, fix: dict | None, prune: bool, seed: int,
-                memory_of, asked: float | None = None, deterministic: bool = False) -> Solved:
+                memory_of, asked: float | None = None, deterministic: bool = False,
+                merge: bool = False) -> Solved:
     """Solve without the memory limit first (folded, small, usually solved by the
     reductions alone); if that plan fits it is optimal for the limited problem
     too. Otherwise solve the exact model (every reduce-scatter variant its own
@@ -652,7 +653,7 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
     devices = math.prod(s for _, s in mesh)
     asked = time_limit if asked is None else asked
     t0 = time.perf_counter()
-    built = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune).build(None)
+    built = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune, merge=merge).build(None)
     if limit is not None:
         floor = memory_floor(built, phases)
         if sum(floor.values()) > limit:
@@ -677,7 +678,7 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
                       "" if sol.status == "optimal" else _time_note(asked, sol.gap))
     relaxed = sol.bound
     left = max(time_limit - (time.perf_counter() - t0), 0.25 * time_limit)
-    exact = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune).build(limit)
+    exact = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune, merge=merge).build(limit)
     rule_out_oversized(exact, limit - sum(memory_floor(exact, phases).values()))
 
     def plain_exact():

@@ -170,7 +170,7 @@ def specialize(graph: g.Graph, phase: str) -> g.Graph:
 def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int = 0, context: int = 0,
          prompt: int = 0, steps: int = 64, memory_limit: float | None = 0.0, time_limit: float = 10.0,
          workers: int = 2, fix: dict | None = None, seed: int = 0, prune: bool = True,
-         deterministic: bool = False) -> Plan:
+         deterministic: bool = False, merge_pairs: bool = False) -> Plan:
     """Plan a graph: build the strategy graph, solve it, annotate, price.
 
     memory_limit: bytes per device; 0 = the hardware's HBM capacity; None or
@@ -183,6 +183,11 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     deterministic: every CP-SAT call stops on deterministic time (time_limit of
     it for the final one), so the plan does not depend on the machine's load;
     wall time may then exceed time_limit (ilp.solve).
+    merge_pairs: let the planner price merged reductions (planner.Builder merge
+    pairs: one latency per pair codegen merges). Plans are cheaper where that pays
+    (the split-K combine of an s-sharded cache) but the pair edges close cycles
+    that CP-SAT proves slowly (PaLM 540B decode on 64 chips: 10 s, not proved,
+    against 0.25 s optimal), so it is opt-in; codegen merges either way.
     """
     t0 = time.perf_counter()
     mesh = parse_mesh(mesh)
@@ -195,7 +200,7 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
         limit = None
     try:
         solved = pl.solve_plan(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed,
-                               lambda b, a: pl.plan_memory(b, a, phases), deterministic)
+                               lambda b, a: pl.plan_memory(b, a, phases), deterministic, merge_pairs)
     except pl.NoPlanInTime as exc:
         return fallback_plan(graph, mesh, hw, phases, limit, str(exc), t0)
     t2 = time.perf_counter()
@@ -213,7 +218,8 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     # pair (report.pair_credit): re-price it so; the reports price the program codegen
     # emits, with merged reductions (objective_merged, at most objective_repriced)
     check = sum(ph.weight * (price_graph(per_phase[ph.name], hw, ph.name, merge=False).step_s
-                             - pair_credit(per_phase[ph.name], hw)) for ph in phases) + \
+                             - (pair_credit(per_phase[ph.name], hw) if merge_pairs else 0.0))
+                for ph in phases) + \
         pl.PREPARE_WEIGHT * reports[phases[0].name].prepare_s
     merged = sum(ph.weight * reports[ph.name].step_s for ph in phases)
     stats = dict(built.stats, rounds=solved.rounds, solver=_jsonable(sol.stats), objective_repriced=check,
@@ -274,6 +280,7 @@ class Shard(Pass):
     time_limit: float = 10.0
     workers: int = 2
     force: str = ""          # a forced layout: ws1d, ws2d, wg, dp (forced.py)
+    merge_pairs: bool = False  # price merged reductions in the ILP (plan())
 
     def apply(self, graph: g.Graph) -> g.Graph:
         if not self.mesh:
@@ -283,7 +290,8 @@ class Shard(Pass):
             return plan_forced(graph, self.force, self.mesh, self.hardware, self.phase, self.batch, self.context,
                                self.prompt, self.steps, self.memory_limit, self.time_limit, self.workers).graph
         return plan(graph, self.mesh, self.hardware, self.phase, self.batch, self.context, self.prompt,
-                    self.steps, self.memory_limit, self.time_limit, self.workers).graph
+                    self.steps, self.memory_limit, self.time_limit, self.workers,
+                    merge_pairs=self.merge_pairs).graph
 
 
 __all__ = ["Plan", "Shard", "plan", "specialize", "mesh_devices"]
