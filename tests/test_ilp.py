@@ -339,14 +339,15 @@ def test_time_limit_spent_returns_what_it_has():
 
 def _tiny_palm_decode_graph():
     """The tiny PaLM decode (examples/palm.ein default sizes) on a 2x2x2 cpu mesh:
-    float costs of ~1e-5 s, scaled to ~1e9 for CP-SAT."""
+    float costs of ~1e-5 s, scaled to ~1e9 for CP-SAT. With merge pairs (their edges
+    close cycles), so the reductions leave a model for CP-SAT to solve."""
     from einpart.ir.parser import parse_file
     from einpart.passes.shard import planner as pl
     from einpart.passes.shard.hardware import load_hardware
     from einpart.passes.shard.phases import make_phases
     graph = parse_file(str(_ROOT / "examples" / "palm.ein"))
     mesh = (("x", 2), ("y", 2), ("z", 2))
-    return pl.Builder(graph, mesh, load_hardware("cpu"), make_phases(graph, "decode")).build(None).sg
+    return pl.Builder(graph, mesh, load_hardware("cpu"), make_phases(graph, "decode"), merge=True).build(None).sg
 
 
 def test_enforced_form_keeps_the_optimum_of_scaled_costs():
