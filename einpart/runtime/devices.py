@@ -36,9 +36,13 @@ def simulate_cpu_devices(n: int) -> bool:
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int,
-                           local_devices: int | None = None) -> None:
+                           local_devices: int | None = None, heartbeat_s: int | None = None,
+                           init_timeout_s: int | None = None, recoverable: bool = False) -> None:
     """Join a multi-process run (jax.distributed) with CPU collectives (gloo) enabled;
-    `local_devices` simulated CPU devices in this process."""
+    `local_devices` simulated CPU devices in this process. heartbeat_s / init_timeout_s
+    bound how long a dead or missing peer can go unnoticed (JAX's defaults otherwise);
+    recoverable: a dead peer does not abort this process from inside JAX, so the caller
+    can notice it and say so (runtime.multihost's watchdog)."""
     import jax
     if local_devices:
         simulate_cpu_devices(local_devices)
@@ -46,8 +50,15 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # pragma: no cover - older/newer flag names
         pass
+    if recoverable:
+        jax.config.update("jax_enable_recoverability", True)
+    timeouts = {}
+    if init_timeout_s is not None:
+        timeouts["initialization_timeout"] = int(init_timeout_s)
+    if heartbeat_s is not None:
+        timeouts.update(heartbeat_timeout_seconds=int(heartbeat_s), shutdown_timeout_seconds=int(heartbeat_s))
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, **timeouts)
 
 
 def make_mesh(mesh: dict[str, int], devices=None, platform: str | None = None):

@@ -97,22 +97,12 @@ def report(process: int, message: str) -> None:
 
 def join(coordinator: str, num_processes: int, process_id: int, local_devices: int | None,
          heartbeat_s: int, init_timeout_s: int) -> None:
-    """jax.distributed.initialize with CPU collectives (gloo) and bounded timeouts."""
-    import jax
-    from .devices import simulate_cpu_devices
-    if local_devices:
-        simulate_cpu_devices(local_devices)
-    try:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except Exception:  # pragma: no cover - older/newer flag names
-        pass
-    # A dead process must not abort the others from inside JAX (a fatal log and a native
-    # stack): with recoverability on, the Watchdog notices it and exits with one line.
-    jax.config.update("jax_enable_recoverability", True)
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=int(init_timeout_s),
-                               heartbeat_timeout_seconds=int(heartbeat_s),
-                               shutdown_timeout_seconds=int(heartbeat_s))
+    """jax.distributed with bounded timeouts, recoverable: a dead process must not abort the
+    others from inside JAX (a fatal log and a native stack); the Watchdog notices it and
+    exits with one line."""
+    from .devices import initialize_distributed
+    initialize_distributed(coordinator, num_processes, process_id, local_devices, heartbeat_s=heartbeat_s,
+                           init_timeout_s=init_timeout_s, recoverable=True)
 
 
 def leave(client, process_id: int, num_processes: int, limit_s: float) -> None:
