@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from plan import device, versions  # noqa: E402
+from plan import device, versions, write_result  # noqa: E402
 
 from einpart.codegen import census, generate_source, set_plan  # noqa: E402
 from einpart.codegen.lower import program_graphs  # noqa: E402
@@ -154,10 +154,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "collectives", "command": " ".join([sys.executable] + sys.argv), "device": device(),
               "versions": versions(), "args": vars(args), "wall_s": wall, "cpu_s": cpu, "results": rows,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results"
-                                           / f"collectives-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+    out = write_result(result, "collectives", args.out)
     print(f"wall {wall:.1f} s, cpu {cpu:.1f} s (machine shared with other jobs); wrote {out}")
     return 0
 

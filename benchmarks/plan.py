@@ -55,6 +55,14 @@ def device() -> dict:
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
 
 
+def write_result(result: dict, name: str, out: str | None = None, default=str) -> Path:
+    """Write a benchmark's JSON: to `out`, or benchmarks/results/<name>-<time>.json."""
+    path = Path(out) if out else ROOT / "benchmarks" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=default))
+    return path
+
+
 def dump_iopddl(graph, mesh, hw, phase, args, path: Path):
     """The strategy graph the planner solves first, in the IOPDDL format."""
     from einpart.passes.shard import planner as pl
@@ -127,10 +135,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "plan", "command": " ".join([sys.executable] + sys.argv), "device": device(),
               "versions": versions(), "args": vars(args), "results": rows,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"plan-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, 'plan', args.out)}")
     return 0
 
 

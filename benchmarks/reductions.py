@@ -11,7 +11,6 @@ Prints a table and writes benchmarks/results/reductions-<time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from einpart.passes.shard.hardware import load_hardware  # noqa: E402
 from einpart.passes.shard.iopddl import load_iopddl  # noqa: E402
 from einpart.passes.shard.mesh import parse_mesh  # noqa: E402
 from einpart.passes.shard.phases import make_phases  # noqa: E402
-from plan import PALM_540B, device, versions  # noqa: E402
+from plan import PALM_540B, device, versions, write_result  # noqa: E402
 
 
 def full_dominance(cost, mats):
@@ -98,10 +97,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "reductions", "command": " ".join([sys.executable] + sys.argv), "device": device(),
               "versions": versions(), "note": "CPU seconds (time.process_time); dominance times are wall (perf_counter)",
               "results": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"reductions-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, 'reductions', args.out)}")
     return 0
 
 
