@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dump-hlo", default="", help="folder for optimised HLO of decode programs")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--cache-order", default="", choices=("", "bsgk", "bgsk"),
+                    help="store the KV cache in this index order (a probe: rewrites the spec's cache "
+                         "declarations and the plain baseline's; default: the spec's)")
     args = ap.parse_args(argv)
     sys.path.insert(0, args.einpart)
 
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
 
     from calibrate import copy_bandwidth, matmul_rate
     from einpart.codegen.lower import split_prepare
-    from einpart.ir.parser import parse_file
+    from einpart.ir.parser import parse
     from einpart.ir.shapes import DTYPE_BYTES, decl_shapes
     from einpart.passes import run_pipeline
     from einpart.passes.shard.report import price_graph
@@ -111,8 +114,14 @@ def main(argv=None) -> int:
     sizes = {k: int(v) for k, v in sets.items()} | {"S": args.context, "B": batches[0], "T": 1}
     spec_path = Path(args.einpart) / "examples" / "llama.ein"
 
+    spec_text = spec_path.read_text()
+    if args.cache_order:
+        order = ", ".join(args.cache_order)
+        for name in ("k_cache", "v_cache", "kc", "vc"):
+            spec_text = spec_text.replace(f"{name}[b, s, g, k]", f"{name}[{order}]")
+
     def build_graph(int8: bool):
-        graph = parse_file(spec_path, sizes=sizes)
+        graph = parse(spec_text, str(spec_path), sizes=sizes)
         return run_pipeline(graph, ("int8," if int8 else "") + "cast{dtype=bf16}").graph
 
     graph = build_graph(False)
@@ -215,9 +224,13 @@ def main(argv=None) -> int:
 
     params = jax.device_put(weights) if args.baseline else None
     for mode in [x for x in args.baseline.split(",") if x]:
-        fn = jax.jit(make_step(scan=(mode == "scan")), donate_argnums=(1,))
+        bgsk = args.cache_order == "bgsk"
+        fn = jax.jit(make_step(scan=(mode == "scan"), cache_order=args.cache_order or "bsgk"), donate_argnums=(1,))
+
+        def cache_shape(b):
+            return (L, b, G, args.context, K) if bgsk else (L, b, args.context, G, K)
         for b in batches:
-            shape = (L, b, args.context, G, K)
+            shape = cache_shape(b)
             holder = {"state": {"k_cache": jnp.zeros(shape, jnp.bfloat16), "v_cache": jnp.zeros(shape, jnp.bfloat16)}}
             tok = jnp.asarray(np.random.default_rng(b).integers(0, sizes["V"], (b, 1)).astype(np.int32))
             pos = jnp.int32(args.context - 8)
@@ -238,7 +251,7 @@ def main(argv=None) -> int:
                   f"(compile {compile_s:.1f} s)", flush=True)
             del holder
         if prefill_b:
-            shape = (L, prefill_b, args.context, G, K)
+            shape = cache_shape(prefill_b)
             holder = {"state": {"k_cache": jnp.zeros(shape, jnp.bfloat16), "v_cache": jnp.zeros(shape, jnp.bfloat16)}}
             tok = jnp.asarray(np.random.default_rng(0).integers(0, sizes["V"], (prefill_b, prefill_p)).astype(np.int32))
             start = time.perf_counter()

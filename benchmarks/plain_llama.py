@@ -26,9 +26,10 @@ def rope(x, positions, theta):
     return (x32 * cos + jnp.concatenate([-x2, x1], -1) * sin).astype(x.dtype)
 
 
-def layer(x, w, kcs, vcs, i, pos, theta):
-    """Decoder layer i; the stacked caches kcs/vcs [L, B, S, G, K] are updated in place
-    (one dynamic_update_slice each) at positions pos..pos+T-1."""
+def layer(x, w, kcs, vcs, i, pos, theta, cache_order="bsgk"):
+    """Decoder layer i; the stacked caches kcs/vcs [L, B, S, G, K] ([L, B, G, S, K] with
+    cache_order="bgsk") are updated in place (one dynamic_update_slice each) at positions
+    pos..pos+T-1."""
     B, T, _ = x.shape
     positions = pos + jnp.arange(T)
     h = rms_norm(x, w["attn_norm"])
@@ -37,16 +38,21 @@ def layer(x, w, kcs, vcs, i, pos, theta):
     v = jnp.einsum("btd,dgk->btgk", h, w["wv"])
     q, k = rope(q, positions, theta), rope(k, positions, theta)
     zero = jnp.zeros((), jnp.int32)
-    at = (i, zero, pos, zero, zero)
+    c = "bsgk" if cache_order == "bsgk" else "bgsk"
+    if cache_order == "bgsk":
+        at = (i, zero, zero, pos, zero)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    else:
+        at = (i, zero, pos, zero, zero)
     kcs = lax.dynamic_update_slice(kcs, k[None].astype(kcs.dtype), at)
     vcs = lax.dynamic_update_slice(vcs, v[None].astype(vcs.dtype), at)
     kc, vc = kcs[i], vcs[i]
-    S = kc.shape[1]
-    s = jnp.einsum("btgrk,bsgk->bgrts", q, kc, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1] * 1.0)
+    S = kc.shape[c.index("s")]
+    s = jnp.einsum(f"btgrk,{c}->bgrts", q, kc, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1] * 1.0)
     mask = jnp.arange(S)[None, :] <= positions[:, None]
     s = jnp.where(mask, s, -1e30)
     p = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-    o = jnp.einsum("bgrts,bsgk->btgrk", p, vc)
+    o = jnp.einsum(f"bgrts,{c}->btgrk", p, vc)
     x = x + jnp.einsum("btgrk,grkd->btd", o, w["wo"])
     h = rms_norm(x, w["mlp_norm"])
     act = jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])
@@ -56,7 +62,7 @@ def layer(x, w, kcs, vcs, i, pos, theta):
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
 
-def make_step(theta: float = 500000.0, scan: bool = False):
+def make_step(theta: float = 500000.0, scan: bool = False, cache_order: str = "bsgk"):
     """step(params, state, tokens, pos) -> (logits [B,T,V] f32, state); state donated by the caller."""
     def step(params, state, tokens, pos):
         x = params["embed"][tokens]
@@ -66,13 +72,13 @@ def make_step(theta: float = 500000.0, scan: bool = False):
             def body(carry, xs):
                 x, kcs, vcs = carry
                 w, i = xs
-                return layer(x, w, kcs, vcs, i, pos, theta), None
+                return layer(x, w, kcs, vcs, i, pos, theta, cache_order), None
             n = kcs.shape[0]
             (x, kcs, vcs), _ = lax.scan(body, (x, kcs, vcs), (layers, jnp.arange(n, dtype=jnp.int32)))
         else:
             for i in range(kcs.shape[0]):
                 w = {k: v[i] for k, v in layers.items()}
-                x, kcs, vcs = layer(x, w, kcs, vcs, jnp.int32(i), pos, theta)
+                x, kcs, vcs = layer(x, w, kcs, vcs, jnp.int32(i), pos, theta, cache_order)
         x = rms_norm(x, params["norm_f"])
         logits = jnp.einsum("btd,dv->btv", x, params["unembed"], preferred_element_type=jnp.float32)
         return logits, {"k_cache": kcs, "v_cache": vcs}

@@ -43,3 +43,19 @@ if [ "$stage" = 4 ]; then
   python3 benchmarks/decode.py --batches 1 --prefill none --layers unroll --int8 unroll --baseline unroll \
     --hardware benchmarks/results/hardware-h200.toml --tag=-run4 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
 fi
+if [ "$stage" = 5 ]; then
+  # the cache stored [b, g, s, k] (attention batches over leading axes), layers=auto (decode
+  # unrolled, prefill scanned), XLA's autotuner off for compile time, int8 unrolled with its HLO
+  HW=benchmarks/results/hardware-h200.toml
+  timeout 250 python3 benchmarks/decode.py --batches 1,64 --prefill 8x2048 --layers scan,auto --cache-order bgsk \
+    --baseline scan --hardware "$HW" --tag=-run5-bgsk --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout 110 python3 benchmarks/decode.py --label autotune0 --batches 1 \
+    --prefill none --layers auto --cache-order bgsk --baseline "" --hardware "$HW" --tag=-run5-autotune0 \
+    --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  timeout 150 python3 benchmarks/decode.py --batches 1,64 --prefill none --layers "" --int8 auto --cache-order bgsk \
+    --baseline "" --hardware "$HW" --dump-hlo /tmp/hlo --tag=-run5-int8 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  tar -czf "$OUT/hlo.tgz" -C /tmp hlo
+  XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true timeout 70 python3 benchmarks/decode.py --label dsfusion \
+    --batches 64 --prefill none --layers scan --cache-order bgsk --baseline "" --hardware "$HW" --tag=-run5-dsfusion \
+    --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+fi

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .cli_ir import add_spec_args, example_path, load_spec, parse_sets
+from .codegen.lower import LAYER_MODES
 from .errors import EinpartError
 
 # The plan compile/run/demo use by default: the ILP planner (the shard pass).
@@ -249,7 +250,8 @@ def _plan_args(p) -> None:
                         f"planner); default {DEFAULT_PLAN}")
     p.add_argument("--hardware", default="cpu", metavar="H", help="hardware preset for --plan shard")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompt and random plans")
-    p.add_argument("--layers", default="scan", choices=("scan", "unroll"), help="lower layers to lax.scan or unroll")
+    p.add_argument("--layers", default="scan", choices=LAYER_MODES,
+                   help="lower layers to lax.scan, unroll them, or auto (unroll decode, scan prefill)")
     p.add_argument("--pipeline", metavar="P", help="passes to run before planning, e.g. 'defer-norm,cast{dtype=bf16}'")
     p.add_argument("--int8", action="store_true", help="int8 weights (adds the int8 pass last before planning)")
     p.add_argument("--kv-groups", type=int, metavar="G", help="pool K/V heads into G groups (adds multiquery{groups=G} first)")
@@ -282,7 +284,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="the Llama example on 8 simulated CPU devices, checked against the reference")
     p.add_argument("--out", metavar="DIR", help="where to write the dumps (default: a new temporary folder)")
     p.add_argument("--set", action="append", metavar="NAME=VALUE[,...]", help="override sizes")
-    p.add_argument("--layers", default="scan", choices=("scan", "unroll"))
+    p.add_argument("--layers", default="scan", choices=LAYER_MODES)
     p.add_argument("--max-new", type=int, default=8)
     p.set_defaults(func=cmd_demo)
 

@@ -81,7 +81,7 @@ def test_compile_flags(tmp_path, capsys):
     names = sorted(p.name for p in out.iterdir())
     assert names[:5] == ["00-input.ein", "01-multiquery.ein", "02-defer-norm.ein", "03-int8.ein", "04-shard.ein"]
     pooled = (out / "01-multiquery.ein").read_text()       # llama has G already: the groups are G2 = 1
-    assert "G2 = 1" in pooled and "state k_cache[b, s, g2, k]" in pooled
+    assert "G2 = 1" in pooled and "state k_cache[b, g2, s, k]" in pooled
 
 
 def test_run_flags_check_against_the_reference(capsys):

@@ -344,8 +344,21 @@ def test_unroll_source_has_a_python_loop():
     graph = parse_file(spec_path("llama"))
     src = generate_source(simple_plan(graph, {"x": 2}), layers="unroll")
     assert "lax.scan" not in src and "for i in range(2):" in src
-    with pytest.raises(EinpartError, match="layers must be one of scan, unroll"):
+    with pytest.raises(EinpartError, match="layers must be one of scan, unroll, auto, got 'loop'"):
         generate_source(simple_plan(graph, {"x": 2}), layers="loop")
+
+
+def test_auto_layers_unroll_decode_and_scan_prefill():
+    """layers="auto": the decode step is unrolled, prefill and the weight preparation
+    keep the scan; the module runs and matches the interpreter."""
+    graph = example("llama")[0]
+    planned = random_plan(graph, {"x": 2, "y": 4}, seed=5)
+    src = generate_source(planned, layers="auto")
+    decode = src[src.index("def decode("):src.index("def programs(")]
+    prefill = src[src.index("def prefill("):src.index("def decode(")]
+    assert "lax.scan" not in decode and "for i in range(2):" in decode
+    assert "lax.scan" in prefill and "for i in range(" not in prefill
+    check_plan(planned, "llama", "auto")
 
 
 # ------------------------------------------------------------------ hostile names
@@ -499,7 +512,7 @@ def _decode_source(pipeline: str, layers: str) -> str:
     return src[src.index("def decode("):src.index("def programs(")]
 
 
-@pytest.mark.parametrize("layers", ["scan", "unroll"])
+@pytest.mark.parametrize("layers", ["scan", "unroll", "auto"])
 def test_cache_written_in_place(layers):
     """The layer loop carries each stacked cache and writes the new rows into it at
     [layer, ..., pos, ...]: no per-layer slice fed to the loop, no restacking."""

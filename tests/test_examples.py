@@ -139,7 +139,7 @@ class Model:
 
     def __call__(self, tokens, pos, cache):
         tokens = np.asarray(tokens)
-        assert pos + tokens.shape[1] <= cache["k_cache"].shape[2], "cache too short"
+        assert pos + tokens.shape[1] <= cache["k_cache"].shape[self.seq_axis], "cache too short"
         self.probs = []
         logits = self.forward(tokens, pos, cache)
         assert logits.dtype == self.dtype, f"{logits.dtype} leaked in"
@@ -161,9 +161,10 @@ class Model:
 
 
 class GPT2(Model):
+    seq_axis = 3   # [layer, batch, head, position, k]
     def cache_shape(self, batch, max_len):
         n_layers, _, heads, head_dim = self.w["wq"].shape
-        return (n_layers, batch, max_len, heads, head_dim)
+        return (n_layers, batch, heads, max_len, head_dim)   # head-major, as the spec stores it
 
     def forward(self, tokens, pos, cache):
         w = self.w
@@ -175,10 +176,11 @@ class GPT2(Model):
             q = (h @ w["wq"][l].reshape(D, H * K) + w["bq"][l].reshape(H * K)).reshape(B, T, H, K)
             k = (h @ w["wk"][l].reshape(D, H * K) + w["bk"][l].reshape(H * K)).reshape(B, T, H, K)
             v = (h @ w["wv"][l].reshape(D, H * K) + w["bv"][l].reshape(H * K)).reshape(B, T, H, K)
-            cache["k_cache"][l, :, pos:pos + T] = k
-            cache["v_cache"][l, :, pos:pos + T] = v
+            cache["k_cache"][l, :, :, pos:pos + T] = k.transpose(0, 2, 1, 3)
+            cache["v_cache"][l, :, :, pos:pos + T] = v.transpose(0, 2, 1, 3)
             n = pos + T
-            o, p = attention(q, cache["k_cache"][l, :, :n], cache["v_cache"][l, :, :n], pos)
+            o, p = attention(q, cache["k_cache"][l, :, :, :n].transpose(0, 2, 1, 3),
+                             cache["v_cache"][l, :, :, :n].transpose(0, 2, 1, 3), pos)
             self.probs.append(p)
             x = x + o.reshape(B, T, H * K) @ w["wo"][l].reshape(H * K, D) + w["bo"][l]
             h = layer_norm(x, w["ln2_g"][l], w["ln2_b"][l])
@@ -187,11 +189,12 @@ class GPT2(Model):
 
 
 class Llama(Model):
+    seq_axis = 3
     theta = 500000.0
 
     def cache_shape(self, batch, max_len):
         n_layers, _, kv_heads, head_dim = self.w["wk"].shape
-        return (n_layers, batch, max_len, kv_heads, head_dim)
+        return (n_layers, batch, kv_heads, max_len, head_dim)   # head-major, as the spec stores it
 
     def forward(self, tokens, pos, cache):
         w = self.w
@@ -207,11 +210,11 @@ class Llama(Model):
             v = (h @ w["wv"][l].reshape(D, G * K)).reshape(B, T, G, K)
             q = apply_rope(q, cos, sin, self.rope_style)
             k = apply_rope(k, cos, sin, self.rope_style)
-            cache["k_cache"][l, :, pos:pos + T] = k
-            cache["v_cache"][l, :, pos:pos + T] = v
+            cache["k_cache"][l, :, :, pos:pos + T] = k.transpose(0, 2, 1, 3)
+            cache["v_cache"][l, :, :, pos:pos + T] = v.transpose(0, 2, 1, 3)
             n = pos + T
-            keys = np.repeat(cache["k_cache"][l, :, :n], R, axis=2)
-            values = np.repeat(cache["v_cache"][l, :, :n], R, axis=2)
+            keys = np.repeat(cache["k_cache"][l, :, :, :n].transpose(0, 2, 1, 3), R, axis=2)
+            values = np.repeat(cache["v_cache"][l, :, :, :n].transpose(0, 2, 1, 3), R, axis=2)
             o, p = attention(q, keys, values, pos)
             self.probs.append(p)
             x = x + o.reshape(B, T, H * K) @ w["wo"][l].reshape(H * K, D)
@@ -221,6 +224,7 @@ class Llama(Model):
 
 
 class PaLM(Model):
+    seq_axis = 2   # [layer, batch, position, k]
     theta = 10000.0
 
     def cache_shape(self, batch, max_len):
@@ -306,7 +310,8 @@ def run_against_reference(name, graph, params, dtype, tol, seed, batch=BATCH, n_
     mine = MODELS[name](params, dtype)
     prompt = prompt_for(params, seed, batch)
     ref_state = ref.new_state(batch)
-    cache = mine.new_cache(batch, ref_state["k_cache"].shape[2])
+    seq = mine.seq_axis
+    cache = mine.new_cache(batch, ref_state["k_cache"].shape[seq])
     assert set(ref_state) == set(cache)
     for key in cache:
         assert ref_state[key].shape == cache[key].shape, key
@@ -329,8 +334,9 @@ def run_against_reference(name, graph, params, dtype, tol, seed, batch=BATCH, n_
     for key in cache:
         assert_close(ref_state[key], cache[key], tol, f"{name}: final {key}")
     # the caches hold exactly positions 0..pos-1; the rest is still zero
-    assert np.all(cache["k_cache"][:, :, pos:] == 0) and np.all(ref_state["k_cache"][:, :, pos:] == 0)
-    assert np.abs(cache["k_cache"][:, :, :pos]).min() > 0
+    later, held = (slice(None),) * seq + (slice(pos, None),), (slice(None),) * seq + (slice(0, pos),)
+    assert np.all(cache["k_cache"][later] == 0) and np.all(ref_state["k_cache"][later] == 0)
+    assert np.abs(cache["k_cache"][held]).min() > 0
     return np.stack(tokens, axis=1), mine
 
 
@@ -363,7 +369,7 @@ def test_generate_matches_hand_written_greedy(name):
     ref = Reference(graph, params)
     ref_tokens, ref_history = ref.generate(prompt, N_DECODE + 1)
     mine = MODELS[name](params)
-    my_tokens, my_history, _ = mine.generate(prompt, N_DECODE + 1, ref.new_state(BATCH)["k_cache"].shape[2])
+    my_tokens, my_history, _ = mine.generate(prompt, N_DECODE + 1, ref.new_state(BATCH)["k_cache"].shape[mine.seq_axis])
     assert ref_tokens.shape == (BATCH, N_DECODE + 1)
     np.testing.assert_array_equal(ref_tokens, my_tokens)
     assert len(ref_history) == len(my_history) == N_DECODE + 1

@@ -47,8 +47,8 @@ STEP_PARAM_SPECS = {
     'w_down': P(None, ('x', 'y')),
 }
 STATE_SPECS = {
-    'k_cache': P(None, None, None, 'x'),
-    'v_cache': P(None, None, None, 'x'),
+    'k_cache': P(None, None, 'x'),
+    'v_cache': P(None, None, 'x'),
 }
 INPUT_SPECS = {
     'prefill': {'tokens': P()},
@@ -97,8 +97,8 @@ def prefill(params, state, inputs, pos):
     t_w_gate_all = params['w_gate']  # param w_gate[d, f@(x, y)] x l: local (2, 64, 20)
     t_w_up_all = params['w_up']  # param w_up[d, f@(x, y)] x l: local (2, 64, 20)
     t_w_down_all = params['w_down']  # param w_down[f@(x, y), d] x l: local (2, 20, 64)
-    t_k_cache_all = state['k_cache']  # state k_cache[b, s, g@x, k] x l: local (2, 2, 32, 1, 16)
-    t_v_cache_all = state['v_cache']  # state v_cache[b, s, g@x, k] x l: local (2, 2, 32, 1, 16)
+    t_k_cache_all = state['k_cache']  # state k_cache[b, g@x, s, k] x l: local (2, 2, 1, 32, 16)
+    t_v_cache_all = state['v_cache']  # state v_cache[b, g@x, s, k] x l: local (2, 2, 1, 32, 16)
     # x0[b, t, d] = take(embed[v, d], tokens[b, t]) {split=[v(x, y)]}
     ids_v = t_tokens - lax.axis_index(('x', 'y')) * 32  # ids of the rows this shard holds
     hit_v = (ids_v >= 0) & (ids_v < 32)
@@ -133,16 +133,16 @@ def prefill(params, state, inputs, pos):
         sin1 = jnp.concatenate([jnp.sin(ang_t1)] * 2, axis=1)
         lo1, hi1 = jnp.split(t_kn, 2, axis=3)
         t_kr = t_kn * cos1[None, :, None, :] + jnp.concatenate([-hi1, lo1], axis=3) * sin1[None, :, None, :]
-        # kc[b, s, g@x, k] = write(k_cache[b, s, g, k], kr[b, t, g, k]) {split=[g(x)]}
-        t_k_cache_all_1 = lax.dynamic_update_slice(t_k_cache_all, t_kr[None], (i_l, 0, pos, 0, 0))  # in place: layer i_l, position pos
+        # kc[b, g@x, s, k] = write(k_cache[b, g, s, k], kr[b, t, g, k]) {split=[g(x)]}
+        t_k_cache_all_1 = lax.dynamic_update_slice(t_k_cache_all, jnp.transpose(t_kr, (0, 2, 1, 3))[None], (i_l, 0, 0, pos, 0))  # in place: layer i_l, position pos
         t_k_cache_new = lax.dynamic_index_in_dim(t_k_cache_all_1, i_l, 0, keepdims=False)
         t_kc = t_k_cache_new
-        # vc[b, s, g@x, k] = write(v_cache[b, s, g, k], vn[b, t, g, k]) {split=[g(x)]}
-        t_v_cache_all_1 = lax.dynamic_update_slice(t_v_cache_all, t_vn[None], (i_l, 0, pos, 0, 0))  # in place: layer i_l, position pos
+        # vc[b, g@x, s, k] = write(v_cache[b, g, s, k], vn[b, t, g, k]) {split=[g(x)]}
+        t_v_cache_all_1 = lax.dynamic_update_slice(t_v_cache_all, jnp.transpose(t_vn, (0, 2, 1, 3))[None], (i_l, 0, 0, pos, 0))  # in place: layer i_l, position pos
         t_v_cache_new = lax.dynamic_index_in_dim(t_v_cache_all_1, i_l, 0, keepdims=False)
         t_vc = t_v_cache_new
-        # sc[b, g@x, r, t, s] = qr[b, t, g, r, k] * kc[b, s, g, k] {split=[g(x)]}
-        t_sc = jnp.einsum('abcde,afce->acdbf', t_qr, t_kc, preferred_element_type=F32, precision=HIGHEST)
+        # sc[b, g@x, r, t, s] = qr[b, t, g, r, k] * kc[b, g, s, k] {split=[g(x)]}
+        t_sc = jnp.einsum('abcde,acfe->acdbf', t_qr, t_kc, preferred_element_type=F32, precision=HIGHEST)
         # sm[b, g@x, r, t, s] = sc[b, g, r, t, s] * rsqrt(K) + causal(t, s) {split=[g(x)]}
         mask_t_s = jnp.where((jnp.arange(32))[None, :] <= (pos + jnp.arange(8))[:, None], 0.0, NEG_INF).astype(F32)  # [t, s]
         t_sm = (t_sc * lax.rsqrt(16.0)) + mask_t_s[None, None, None, :, :]
@@ -154,8 +154,8 @@ def prefill(params, state, inputs, pos):
         t_z = jnp.sum(t_e, axis=(4,))
         # p[b, g@x, r, t, s] = e[b, g, r, t, s] / z[b, g, r, t] {split=[g(x)]}
         t_p = t_e / t_z[:, :, :, :, None]
-        # o[b, t, g@x, r, k] = p[b, g, r, t, s] * vc[b, s, g, k] {split=[g(x)]}
-        t_o = jnp.einsum('abcde,aebf->adbcf', t_p, t_vc, preferred_element_type=F32, precision=HIGHEST)
+        # o[b, t, g@x, r, k] = p[b, g, r, t, s] * vc[b, g, s, k] {split=[g(x)]}
+        t_o = jnp.einsum('abcde,abef->adbcf', t_p, t_vc, preferred_element_type=F32, precision=HIGHEST)
         # attn[b, t, d] = o[b, t, g, r, k] * wo[g, r, k, d] {split=[g(x)]}
         t_attn = jnp.einsum('abcde,cdef->abf', t_o, t_wo, preferred_element_type=F32, precision=HIGHEST)
         t_attn = lax.psum(t_attn, 'x')
@@ -205,8 +205,8 @@ def decode(params, state, inputs, pos):
     t_w_gate_all = params['w_gate']  # param w_gate[d, f@(x, y)] x l: local (2, 64, 20)
     t_w_up_all = params['w_up']  # param w_up[d, f@(x, y)] x l: local (2, 64, 20)
     t_w_down_all = params['w_down']  # param w_down[f@(x, y), d] x l: local (2, 20, 64)
-    t_k_cache_all = state['k_cache']  # state k_cache[b, s, g@x, k] x l: local (2, 2, 32, 1, 16)
-    t_v_cache_all = state['v_cache']  # state v_cache[b, s, g@x, k] x l: local (2, 2, 32, 1, 16)
+    t_k_cache_all = state['k_cache']  # state k_cache[b, g@x, s, k] x l: local (2, 2, 1, 32, 16)
+    t_v_cache_all = state['v_cache']  # state v_cache[b, g@x, s, k] x l: local (2, 2, 1, 32, 16)
     # x0[b, t, d] = take(embed[v, d], tokens[b, t]) {split=[v(x, y)]}
     ids_v = t_tokens - lax.axis_index(('x', 'y')) * 32  # ids of the rows this shard holds
     hit_v = (ids_v >= 0) & (ids_v < 32)
@@ -241,16 +241,16 @@ def decode(params, state, inputs, pos):
         sin1 = jnp.concatenate([jnp.sin(ang_t1)] * 2, axis=1)
         lo1, hi1 = jnp.split(t_kn, 2, axis=3)
         t_kr = t_kn * cos1[None, :, None, :] + jnp.concatenate([-hi1, lo1], axis=3) * sin1[None, :, None, :]
-        # kc[b, s, g@x, k] = write(k_cache[b, s, g, k], kr[b, t, g, k]) {split=[g(x)]}
-        t_k_cache_all_1 = lax.dynamic_update_slice(t_k_cache_all, t_kr[None], (i_l, 0, pos, 0, 0))  # in place: layer i_l, position pos
+        # kc[b, g@x, s, k] = write(k_cache[b, g, s, k], kr[b, t, g, k]) {split=[g(x)]}
+        t_k_cache_all_1 = lax.dynamic_update_slice(t_k_cache_all, jnp.transpose(t_kr, (0, 2, 1, 3))[None], (i_l, 0, 0, pos, 0))  # in place: layer i_l, position pos
         t_k_cache_new = lax.dynamic_index_in_dim(t_k_cache_all_1, i_l, 0, keepdims=False)
         t_kc = t_k_cache_new
-        # vc[b, s, g@x, k] = write(v_cache[b, s, g, k], vn[b, t, g, k]) {split=[g(x)]}
-        t_v_cache_all_1 = lax.dynamic_update_slice(t_v_cache_all, t_vn[None], (i_l, 0, pos, 0, 0))  # in place: layer i_l, position pos
+        # vc[b, g@x, s, k] = write(v_cache[b, g, s, k], vn[b, t, g, k]) {split=[g(x)]}
+        t_v_cache_all_1 = lax.dynamic_update_slice(t_v_cache_all, jnp.transpose(t_vn, (0, 2, 1, 3))[None], (i_l, 0, 0, pos, 0))  # in place: layer i_l, position pos
         t_v_cache_new = lax.dynamic_index_in_dim(t_v_cache_all_1, i_l, 0, keepdims=False)
         t_vc = t_v_cache_new
-        # sc[b, g@x, r, t, s] = qr[b, t, g, r, k] * kc[b, s, g, k] {split=[g(x)]}
-        t_sc = jnp.einsum('abcde,afce->acdbf', t_qr, t_kc, preferred_element_type=F32, precision=HIGHEST)
+        # sc[b, g@x, r, t, s] = qr[b, t, g, r, k] * kc[b, g, s, k] {split=[g(x)]}
+        t_sc = jnp.einsum('abcde,acfe->acdbf', t_qr, t_kc, preferred_element_type=F32, precision=HIGHEST)
         # sm[b, g@x, r, t, s] = sc[b, g, r, t, s] * rsqrt(K) + causal(t, s) {split=[g(x)]}
         mask_t_s = jnp.where((jnp.arange(32))[None, :] <= (pos + jnp.arange(1))[:, None], 0.0, NEG_INF).astype(F32)  # [t, s]
         t_sm = (t_sc * lax.rsqrt(16.0)) + mask_t_s[None, None, None, :, :]
@@ -262,8 +262,8 @@ def decode(params, state, inputs, pos):
         t_z = jnp.sum(t_e, axis=(4,))
         # p[b, g@x, r, t, s] = e[b, g, r, t, s] / z[b, g, r, t] {split=[g(x)]}
         t_p = t_e / t_z[:, :, :, :, None]
-        # o[b, t, g@x, r, k] = p[b, g, r, t, s] * vc[b, s, g, k] {split=[g(x)]}
-        t_o = jnp.einsum('abcde,aebf->adbcf', t_p, t_vc, preferred_element_type=F32, precision=HIGHEST)
+        # o[b, t, g@x, r, k] = p[b, g, r, t, s] * vc[b, g, s, k] {split=[g(x)]}
+        t_o = jnp.einsum('abcde,abef->adbcf', t_p, t_vc, preferred_element_type=F32, precision=HIGHEST)
         # attn[b, t, d] = o[b, t, g, r, k] * wo[g, r, k, d] {split=[g(x)]}
         t_attn = jnp.einsum('abcde,cdef->abf', t_o, t_wo, preferred_element_type=F32, precision=HIGHEST)
         t_attn = lax.psum(t_attn, 'x')
