@@ -19,6 +19,10 @@ Pipeline of :func:`solve` (``reductions=True``, the default):
    reduced much further and solved by CP-SAT, and its answer is repaired by
    the local search.  A proved inner optimum gives a lower bound; when it
    meets the best cost the solution is optimal and CP-SAT is skipped.
+3b. with a memory limit: iterated local search (``lns.py``): kick a ball of
+   nodes to random strategies, repair and descend with the local search,
+   accept results up to 3% worse, keep the best (escapes the local optimum
+   every descent stops in on IOPDDL V).
 4. CP-SAT on the reduced graph with the best solution as a complete hint.
    Default edge formulation ``form="enforced"``: one integer cost per edge,
    ``e >= sum_j M[i,j]*y_j`` enforced by the row literal (and the column
@@ -57,11 +61,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from ortools.sat.python import cp_model
 
+from .lns import iterated_local_search
 from .reduce import FORBIDDEN, Infeasible, Work, local_search
 
 _SCALE_TOP = 1e9  # largest finite cost after scaling
 _THETA0 = 0.05  # initial Polyak step factor of the soft-memory rounds
 _PENALTY_MIN_STRATEGIES = 1000  # smaller reduced graphs go straight to CP-SAT
+_ILS_KICKS = 200  # kicks of the iterated local search in deterministic mode
 
 __all__ = ["StrategyGraph", "Solution", "evaluate", "peak_usage", "solve", "validate"]
 
@@ -294,7 +300,9 @@ class _Model:
             if choice[p] >= 0:
                 self.m.add_hint(y, choice[p] in members)
         for (p, r, q, rinv, cinv), e in zip(self.edges, getattr(self, "e", [])):
-            if e is not None and choice[p] >= 0 and choice[r] >= 0:
+            # a pair that the reductions forbade (leaf Pareto pruning keeps a pair at least
+            # as good) is left unhinted: CP-SAT repairs an incomplete hint
+            if e is not None and choice[p] >= 0 and choice[r] >= 0 and np.isfinite(q[rinv[choice[p]], cinv[choice[r]]]):
                 self.m.add_hint(e, int(round(q[rinv[choice[p]], cinv[choice[r]]] * self.scale)))
 
     def read(self, solver):
@@ -440,7 +448,7 @@ def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, determini
 def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, workers: int = 2,
           reductions: bool = True, hint=None, heuristic: bool | None = None,
           deterministic: bool = False, log: bool = False, params: dict | None = None,
-          form: str = "enforced", penalty_share: float = 0.5, skip=()) -> Solution:
+          form: str = "enforced", penalty_share: float = 0.5, ils_share: float = 0.8, skip=()) -> Solution:
     """Minimise the cost of a strategy assignment (see module docstring).
 
     ``reductions=False`` gives the plain CP-SAT model (only forbidden strategies
@@ -451,7 +459,9 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
     the search.  ``form`` picks the edge formulation ("enforced" or "pairs").
     ``params`` sets extra CP-SAT parameters by name.  ``skip`` turns reductions
     off by name (``reduce.REDUCTIONS``, and "bound" for the pruning by the best
-    cost found), for measuring what each one buys.
+    cost found), for measuring what each one buys.  With a memory limit and a
+    large reduced graph, the iterated local search of ``lns.py`` runs until
+    ``ils_share`` of the time (``_ILS_KICKS`` kicks when deterministic).
 
     Time: without ``deterministic``, a search step that would start after
     ``time_limit`` is skipped; the answer is then the best assignment found
@@ -562,6 +572,24 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
     if best is not None and lag_lb >= best_obj - 1e-9 * max(1.0, abs(best_obj)):
         stats["proved_by"] = "lagrangian bound"
         return done("optimal", best)
+    if heuristic and best is not None and work.limit is not None and work.nodes() \
+            and work.counts()["strategies"] >= _PENALTY_MIN_STRATEGIES and not out_of_time():
+        # kick-and-descend walk out of the descent's local optimum (lns.py), memory-bound graphs only
+        def priced(x):
+            full = work.reconstruct(x)
+            return evaluate(graph, full) if _feasible(graph, full) else math.inf
+        tk = time.perf_counter()
+        xk, ok = iterated_local_search(work, _to_partial(work, best), priced, seed=seed, stats=stats,
+                                       until=t0 + ils_share * time_limit if not deterministic else tk + 4 * time_limit + 10,
+                                       max_kicks=_ILS_KICKS if deterministic else None)
+        if ok < best_obj:
+            best, best_obj = work.reconstruct(xk), ok
+            if reductions and "bound" not in skip and work.prune_by_bound(best_obj):
+                work.run()
+        times["ils"] = time.perf_counter() - tk
+        stats["ils_cost"] = best_obj
+        stats["after"] = work.counts()
+        t2 = time.perf_counter()   # times["model"] counts the model build only
     stats["removed"] = dict(work.removed)
     stats["reduce_phases_s"] = dict(work.times)
     if not work.nodes():  # everything eliminated: the reductions solved it
