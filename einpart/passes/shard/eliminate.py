@@ -340,6 +340,7 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
     lam = np.zeros(work.nseg)
     duals = _Duals()
     theta, stall, flat = 1.0, 0, 0
+    best_mult = (lam.copy(), {})
     for it in range(max_iter):
         if not work.nodes():
             consider(work.reconstruct({}))
@@ -388,8 +389,11 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
         # subgradient step (Polyak) on the edge and the memory multipliers
         gap = (ub - low) if math.isfinite(ub) else max(abs(low), 1.0) * 0.01
         stall = 0 if improved else stall + 1
-        if stall >= 3:
+        if improved:
+            best_mult = (lam.copy(), dict(duals.lam))
+        elif stall >= 3:       # back to the best multipliers, with a shorter step
             theta, stall = theta / 2, 0
+            lam, duals.lam = best_mult[0].copy(), dict(best_mult[1])
         flat = 0 if improved and low > lb_before + 1e-4 * gap else flat + 1
         if flat >= 6 and dropped and cap < max_cap:      # the relaxation is too weak: keep more edges
             cap, total, flat, theta = min(4 * cap, max_cap), 4 * total, 0, 1.0

@@ -44,7 +44,7 @@ from ...ir import graph as g
 from ...ir import layout as lay
 from ...ir.analysis import param_only
 from ...ir.shapes import DTYPE_BYTES
-from . import ilp, polish
+from . import eliminate, ilp, polish
 from .cost import (FORBIDDEN, Pricer, StmtStrategy, enumerate_layouts, layout_key, local_bytes,
                    ReshardTable, stmt_strategies)
 from .hardware import Hardware
@@ -552,7 +552,12 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     def left():      # what is left of the one time limit, and at least a quarter of it
         return max(until - time.perf_counter(), 0.25 * time_limit)
 
-    lower, cands, rounds = 0.0, [], []
+    rounds: list = []
+    joint, joint_bound = _joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds,
+                                          math.inf if deterministic else until)
+    if joint is not None:
+        return joint
+    lower, cands = 0.0, []
     for ph in phases:
         built = Builder(graph, mesh, hw, [ph], fix, fold=True, prune=prune, merge=merge).build(None)
         slack = None
@@ -613,11 +618,40 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     best = _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best, rounds, merge,
                      math.inf if deterministic else max(until, time.perf_counter() + 0.1 * time_limit))
     obj = best.solution.objective
+    lower = max(lower, joint_bound)
     gap = max(0.0, (obj - lower) / max(abs(obj), 1e-30))
     proved = best.status == "optimal" and gap <= 1e-9
     note = "" if proved else best.note or "gap to the phases' separate optima (weights shared by both)"
     return Solved(best.built, best.solution, min(lower, obj), 0.0 if proved else gap,
                   "optimal" if proved else "feasible", rounds, note)
+
+
+def _joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds: list,
+                     until: float) -> tuple[Solved | None, float]:
+    """The joint problem (both phases, stored layouts shared) without the memory
+    limit, solved exactly by elimination (eliminate.py); declaration layouts that
+    cannot fit are ruled out first (exact). Its optimum bounds the limited
+    optimum from below; when its plan fits, it is the limited optimum: returned
+    as a proved plan. Returns (that plan or None, the bound)."""
+    t0 = time.perf_counter()
+    built = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune, merge=merge).build(None)
+    if limit is not None:
+        floor = memory_floor(built, phases)
+        if sum(floor.values()) > limit:
+            raise memory_error(floor, limit, hw, math.prod(s for _, s in mesh))
+        rule_out_oversized(built, limit - sum(floor.values()))
+    got = eliminate.solve(built.sg, until=until)
+    fits = got.assignment is not None and (limit is None or memory_of(built, got.assignment) <= limit)
+    rounds.append({"model": "joint unlimited, elimination", "status": got.status, "objective": got.objective,
+                   "bound": got.bound, "fits": fits, "wall_s": time.perf_counter() - t0, **built.stats,
+                   **{k: v for k, v in got.stats.items() if k != "bounds"}})
+    if got.status == "infeasible":
+        return None, -math.inf
+    if got.status != "optimal" or not fits:
+        return None, got.bound
+    sol = ilp.Solution(got.assignment, got.objective, got.objective, 0.0, "optimal", got.wall_s,
+                       {"proved_by": "elimination", **{k: v for k, v in got.stats.items() if k != "bounds"}})
+    return Solved(built, sol, got.objective, 0.0, "optimal", rounds, ""), got.bound
 
 
 def _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best: Solved, rounds: list,
