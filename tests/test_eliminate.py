@@ -191,3 +191,33 @@ def test_palm_540b_both_phases_is_proved_optimal():
     assert max(r.memory_bytes for r in p.phases.values()) <= load_hardware("tpu-v4").hbm_bytes
     # the reports' price: the same, but for the stored-byte tie-break (~1e-19 s per byte)
     assert p.objective == pytest.approx(p.stats["objective_repriced"], abs=1e-8)
+
+
+@pytest.mark.parametrize("mesh, frac", [("x=2", 0.6), ("x=4", 0.6)])
+def test_memory_priced_bound_is_below_the_limited_optimum(mesh, frac):
+    """planner._priced (the Lagrangian bound of a two-phase plan whose unlimited
+    optimum does not fit): between the unlimited optimum and the limited optimum
+    that CP-SAT proves on the exact joint graph; a plan it keeps fits."""
+    import math
+
+    from einpart.passes.shard.mesh import parse_mesh
+    graph = parse_file("examples/palm.ein")
+    hw, m = load_hardware("tpu-v4"), parse_mesh(mesh)
+    phases = make_phases(graph, "both")
+    memory = lambda b, a: pl.plan_memory(b, a, phases)  # noqa: E731
+    free = pl.Builder(graph, m, hw, phases).build(None)
+    unlimited = eliminate.solve(free.sg)
+    assert unlimited.status == "optimal"
+    limit = frac * memory(free, unlimited.assignment)
+    exact = pl.Builder(graph, m, hw, phases, fold=False).build(limit)
+    ref = solve(exact.sg, time_limit=30)
+    assert ref.status == "optimal" and ref.objective > unlimited.objective * (1 + 1e-6)   # memory binds
+    rounds: list = []
+    best = pl.Solved(exact, ref, ref.bound, 0.0, "optimal")
+    got, bound = pl._priced((free, unlimited.assignment), limit, memory, best, unlimited.objective, rounds,
+                            math.inf)
+    assert rounds and rounds[0]["model"] == "joint, memory priced (bound)" and rounds[0]["price_s_per_byte"] > 0
+    assert unlimited.objective <= bound <= ref.objective * (1 + 1e-9)
+    assert memory(got.built, got.solution.assignment) <= limit
+    assert got.solution.objective == pytest.approx(evaluate(got.built.sg, got.solution.assignment), rel=1e-12)
+    assert got.solution.objective >= ref.objective * (1 - 1e-9)
