@@ -195,11 +195,12 @@ def test_palm_540b_both_phases_is_proved_optimal():
 
 @pytest.mark.parametrize("mesh, frac", [("x=2", 0.6), ("x=4", 0.6)])
 def test_memory_priced_bound_is_below_the_limited_optimum(mesh, frac):
-    """planner._priced (the Lagrangian bound of a two-phase plan whose unlimited
+    """joint.priced (the Lagrangian bound of a two-phase plan whose unlimited
     optimum does not fit): between the unlimited optimum and the limited optimum
     that CP-SAT proves on the exact joint graph; a plan it keeps fits."""
     import math
 
+    from einpart.passes.shard import joint
     from einpart.passes.shard.mesh import parse_mesh
     graph = parse_file("examples/palm.ein")
     hw, m = load_hardware("tpu-v4"), parse_mesh(mesh)
@@ -214,7 +215,7 @@ def test_memory_priced_bound_is_below_the_limited_optimum(mesh, frac):
     assert ref.status == "optimal" and ref.objective > unlimited.objective * (1 + 1e-6)   # memory binds
     rounds: list = []
     best = pl.Solved(exact, ref, ref.bound, 0.0, "optimal")
-    got, bound = pl._priced((free, unlimited.assignment), limit, memory, best, unlimited.objective, rounds,
+    got, bound = joint.priced((free, unlimited.assignment), limit, memory, best, unlimited.objective, rounds,
                             math.inf)
     assert rounds and rounds[0]["model"] == "joint, memory priced (bound)" and rounds[0]["price_s_per_byte"] > 0
     assert unlimited.objective <= bound <= ref.objective * (1 + 1e-9)

@@ -30,7 +30,6 @@ left, with the bound (``solve`` returns "feasible").
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
