@@ -552,7 +552,13 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     def left():      # what is left of the one time limit, and at least a quarter of it
         return max(until - time.perf_counter(), 0.25 * time_limit)
 
-    lower, cands, rounds = 0.0, [], []
+    from .joint import joint_unlimited, priced     # (joint.py builds on this module)
+    rounds: list = []
+    joint, joint_bound, unlimited = joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of,
+                                                     rounds, math.inf if deterministic else until)
+    if joint is not None:
+        return joint
+    lower, cands = 0.0, []
     for ph in phases:
         built = Builder(graph, mesh, hw, [ph], fix, fold=True, prune=prune, merge=merge).build(None)
         slack = None
@@ -612,6 +618,9 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
         lower = max(lower, best.bound)
     best = _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best, rounds, merge,
                      math.inf if deterministic else max(until, time.perf_counter() + 0.1 * time_limit))
+    lower = max(lower, joint_bound)
+    if unlimited is not None and limit is not None and (deterministic or time.perf_counter() < until):
+        best, lower = priced(unlimited, limit, memory_of, best, lower, rounds, math.inf if deterministic else until)
     obj = best.solution.objective
     gap = max(0.0, (obj - lower) / max(abs(obj), 1e-30))
     proved = best.status == "optimal" and gap <= 1e-9

@@ -1,0 +1,450 @@
+"""Exact strategy-graph optimum by variable (bucket) elimination, with bound pruning.
+
+Why: the two-phase PaLM graph (prefill and decode sharing weights and the KV
+cache) is hard for CP-SAT, but after the reductions (reduce.Work) it is 31
+nodes of 18-193 strategies with treewidth 5. Bucket elimination over a greedy
+order solves such a graph exactly; eliminating node v makes one dense table
+over v and its neighbours (min-plus, numpy). At treewidth 5 those tables
+reach ~1e10-1e11 entries there, far too many, so this module prunes first:
+
+1. the relaxation: drop the weakest edges (after the reductions every edge is
+   normalized, its entries >= 0, so dropping an edge lowers every plan's cost)
+   until every table of the elimination stays under ``cap`` entries;
+2. a two-pass junction-tree pass over the bucket tree of the relaxation gives
+   its optimum (a lower bound), its plan (an upper bound once priced on the
+   true graph) and the min-marginals of every strategy and of every edge pair:
+   the least relaxed cost of a plan that uses it;
+3. a strategy or pair whose min-marginal exceeds the best known cost cannot
+   be in any plan at most that cost: it goes (exact: the optimum stays), the
+   reductions run again and shrink the graph further; repeat.
+When no edge is dropped any more the pass is the exact optimum: a proof.
+
+Memory (a usage limit over liveness intervals, reduce.Work.memory_constraints)
+enters as a Lagrangian price: lam_c * (usage in constraint c - its bound) is
+<= 0 on every plan that fits, so adding it to the costs keeps every relaxed
+value a lower bound of the constrained optimum and the pruning exact. The
+prices are set by subgradient steps on the relaxation; a plan is only an upper
+bound when it fits. When the priced optimum's plan fits and leaves no slack in
+the priced constraints, it is optimal; otherwise the pruned graph is what is
+left, with the bound (``solve`` returns "feasible").
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .reduce import Infeasible, Work
+
+CAP = 4_000_000          # entries of the largest dense table of one elimination step
+MAX_CAP = 32_000_000     # the cap grows up to this when the bound stalls with edges dropped
+TOTAL = 40_000_000       # entries of all tables of one pass together
+_TOL = 1e-9              # relative tolerance of "above the best known cost"
+
+
+@dataclass
+class Pass:
+    """One junction-tree pass: bound, its plan (local strategy positions), the
+    node and pair min-marginals, and whether any edge was dropped."""
+    bound: float
+    plan: dict
+    node_mm: dict
+    pair_mm: dict
+    dropped: int
+
+
+def _order(adj: dict, size: dict) -> tuple[list, list, float, float]:
+    """Greedy elimination order (smallest table first, then least fill): the
+    order, each step's neighbour set, the largest table and their sum."""
+    A = {i: set(s) for i, s in adj.items()}
+    order, seps, mx, tot = [], [], 0.0, 0.0
+    while A:
+        def key(v):
+            nb = list(A[v])
+            fill = sum(1 for a in range(len(nb)) for c in nb[a + 1:] if c not in A[nb[a]])
+            return (math.prod(size[j] for j in nb) * size[v], fill, v)
+        v = min(A, key=key)
+        nb = A.pop(v)
+        t = math.prod(size[j] for j in nb) * size[v]
+        mx, tot = max(mx, t), tot + t
+        for a in nb:
+            A[a] |= nb - {a}
+            A[a].discard(v)
+        order.append(v)
+        seps.append(tuple(sorted(nb)))
+    return order, seps, mx, tot
+
+
+def _relaxation(work: Work, cap: float, total: float):
+    """Edges to keep so that the elimination fits (weakest edges dropped first):
+    (kept edge ids, order, separators). Strength: edges with forbidden pairs
+    last, then by their largest entry (all entries are >= 0 once normalized)."""
+    nodes = work.nodes()
+    size = {i: len(work.strat[i]) for i in nodes}
+    kept = set(work.emat)
+
+    def strength(eid):
+        m = work.emat[eid]
+        f = m[np.isfinite(m)]
+        return (0 if np.isfinite(m).all() else 1, float(f.max()) if f.size else 0.0, eid)
+    by_strength = sorted(kept, key=strength)
+    while True:
+        adj = {i: set() for i in nodes}
+        for eid in kept:
+            u, v = work.ends[eid]
+            adj[u].add(v)
+            adj[v].add(u)
+        order, seps, mx, tot = _order(adj, size)
+        if mx <= cap and tot <= total:
+            return kept, order, seps
+        # drop the weakest edge inside the largest table of this order
+        k = max(range(len(order)), key=lambda j: math.prod(size[x] for x in seps[j]) * size[order[j]])
+        clique = {order[k], *seps[k]}
+        eid = next((e for e in by_strength if e in kept and set(work.ends[e]) <= clique), None)
+        if eid is None:
+            eid = next((e for e in by_strength if e in kept), None)
+            if eid is None:         # no edge left: one node alone is over the cap
+                return kept, order, seps
+        kept.discard(eid)
+
+
+def _expand(vars_, table, target):
+    """table over vars_ as an array broadcastable over target (a tuple of vars)."""
+    if not vars_:
+        return np.asarray(table).reshape((1,) * len(target))
+    perm = sorted(range(len(vars_)), key=lambda a: target.index(vars_[a]))
+    t = np.transpose(table, perm)
+    shape = [1] * len(target)
+    for a in perm:
+        shape[target.index(vars_[a])] = table.shape[a]
+    return t.reshape(shape)
+
+
+def _min_to(table, vars_, keep):
+    """min of table (over vars_) onto the vars in keep (in vars_ order)."""
+    ax = tuple(a for a, x in enumerate(vars_) if x not in keep)
+    return table.min(axis=ax) if ax else table, tuple(x for x in vars_ if x in keep)
+
+
+def junction_pass(work: Work, cost: dict, relaxation) -> Pass:
+    """Bound, plan and min-marginals of the graph in `work` with only the edges
+    `kept` (relaxation = (kept, order, separators) from _relaxation) and the
+    node costs `cost` ({node: array}, e.g. priced): two passes over the bucket
+    tree (upward: min over the eliminated node, with its argmin for the plan;
+    downward: the rest of the tree's message into each table)."""
+    kept, order, seps = relaxation
+    pos = {v: k for k, v in enumerate(order)}
+    cliques = [(v,) + s for v, s in zip(order, seps)]
+    psi = []
+    for k, v in enumerate(order):
+        C = cliques[k]
+        t = _expand((v,), cost[v], C)
+        for u, eid in work.adj[v].items():
+            if eid in kept and pos[u] > k:
+                t = t + _expand((v, u), work.mat(eid, v), C)
+        psi.append(np.broadcast_to(t, tuple(len(work.strat[x]) for x in C)))
+    parent = [min((pos[x] for x in s), default=-1) for s in seps]
+    children = [[] for _ in order]
+    for k, p in enumerate(parent):
+        if p >= 0:
+            children[p].append(k)
+    up = [None] * len(order)
+    arg = [None] * len(order)
+    for k, v in enumerate(order):
+        b = psi[k]
+        for c in children[k]:
+            b = b + _expand(seps[c], up[c], cliques[k])
+        up[k] = b.min(axis=0)
+        arg[k] = b.argmin(axis=0)
+    roots = [k for k, p in enumerate(parent) if p < 0]
+    bound = work.const + sum(float(up[k]) for k in roots)
+    plan: dict = {}
+    for k in reversed(range(len(order))):
+        ix = tuple(plan[x] for x in seps[k])
+        plan[order[k]] = int(arg[k][ix])
+    root = list(range(len(order)))
+    for k in reversed(range(len(order))):
+        if parent[k] >= 0:
+            root[k] = root[parent[k]]
+    down = [None] * len(order)
+    node_mm, pair_mm = {}, {}
+    for k in reversed(range(len(order))):       # parents before children
+        C = cliques[k]
+        v = order[k]
+        extra = bound - float(up[root[k]])      # const plus the other components' optima
+        base = psi[k] + _expand(seps[k], down[k], C) if down[k] is not None else psi[k]
+        msgs = [_expand(seps[c], up[c], C) for c in children[k]]
+        full = base + sum(msgs) if msgs else base
+        t, _ = _min_to(full, C, {v})
+        node_mm[v] = t + extra
+        for u, eid in work.adj[v].items():
+            if eid in kept and pos[u] > k:
+                t, vs = _min_to(full, C, {v, u})
+                pair_mm[eid] = ((t if vs == (v, u) else t.T) if work.ends[eid][0] == v
+                                else (t.T if vs == (v, u) else t)) + extra
+        for j, c in enumerate(children[k]):
+            t = base + sum(m for i, m in enumerate(msgs) if i != j) if len(msgs) > 1 else base
+            d, vs = _min_to(np.broadcast_to(t, full.shape), C, set(seps[c]))
+            down[c] = np.transpose(d, [vs.index(x) for x in seps[c]])
+    return Pass(bound, plan, node_mm, pair_mm, len(work.emat) - len(kept))
+
+
+def prune(work: Work, p: Pass, ub: float) -> int:
+    """Drop every strategy and edge pair whose min-marginal exceeds ub (exact for
+    every plan of cost <= ub). Returns how many went."""
+    cut = ub + _TOL * max(1.0, abs(ub))
+    gone = 0
+    for v, mm in p.node_mm.items():
+        mask = mm <= cut
+        if not mask.all():
+            gone += int((~mask).sum())
+            work.keep(v, mask, "strategies_min_marginal")
+    return gone
+
+
+def prune_pairs(work: Work, p: Pass, ub: float, before: dict) -> int:
+    """Forbid edge pairs whose min-marginal exceeds ub; `before` maps each node to
+    its original strategies when the pass ran (the pass indexes those)."""
+    cut = ub + _TOL * max(1.0, abs(ub))
+    gone = 0
+    for eid, mm in p.pair_mm.items():
+        if eid not in work.emat:
+            continue
+        u, v = work.ends[eid]
+        ru = np.searchsorted(before[u], work.strat[u])
+        rv = np.searchsorted(before[v], work.strat[v])
+        bad = (mm[np.ix_(ru, rv)] > cut) & np.isfinite(work.emat[eid])
+        if bad.any():
+            gone += int(bad.sum())
+            work.removed["pairs_min_marginal"] += int(bad.sum())
+            work.emat[eid] = np.where(bad, np.inf, work.emat[eid])
+            work.dirty.update((u, v))
+    return gone
+
+
+def _memory_rows(work: Work):
+    """Binding memory segments of the graph left in work: (segment ids, their
+    bounds b_k, {node: [(segments a..b, usage above its least)]})."""
+    if work.limit is None:
+        return np.zeros(0, dtype=int), np.zeros(work.nseg), {}
+    bvec, maxa, _ = work.mem_state()
+    binding = np.flatnonzero(maxa > bvec)
+    parts = {i: [(a, b, u - u.min()) for a, b, u in work.parts[i] if u.max() > u.min()] for i in work.nodes()}
+    return binding, bvec, parts
+
+
+def _priced(work: Work, lam: np.ndarray, parts: dict) -> dict:
+    """Node costs plus lam_k times each strategy's usage above its least in segment k."""
+    out = {}
+    for i in work.nodes():
+        c = work.cost[i]
+        for a, b, u in parts.get(i, ()):
+            w = float(lam[a:b].sum())
+            if w:
+                c = c + w * u
+        out[i] = c
+    return out
+
+
+def _usage(work: Work, parts: dict, plan: dict) -> np.ndarray:
+    """Usage above the least of a plan (local positions), per segment."""
+    g = np.zeros(work.nseg)
+    for i, ps in parts.items():
+        for a, b, u in ps:
+            g[a:b] += u[plan[i]]
+    return g
+
+
+class _Duals:
+    """Multipliers of the dropped edges: each dropped edge (u, v) is its own
+    small problem over copies of u and v; lam_u is added to the copy's cost
+    and taken from u's cost in the main pass, so any values keep the sum a
+    lower bound. Stored by edge ends with the strategies they index, and mapped
+    onto what is left when the reductions remove strategies."""
+
+    def __init__(self):
+        self.lam: dict = {}
+
+    def get(self, work: Work, ends: tuple) -> tuple:
+        u, v = ends
+        got = self.lam.get(ends)
+        out = []
+        for node, k in ((u, 0), (v, 1)):
+            if got is None:
+                out.append(np.zeros(len(work.strat[node])))
+            else:
+                lam, strat = got[k]
+                out.append(lam[np.searchsorted(strat, work.strat[node])])
+        return tuple(out)
+
+    def set(self, work: Work, ends: tuple, lu: np.ndarray, lv: np.ndarray):
+        self.lam[ends] = ((lu, work.strat[ends[0]].copy()), (lv, work.strat[ends[1]].copy()))
+
+
+@dataclass
+class Result:
+    assignment: list | None
+    objective: float
+    bound: float
+    status: str            # optimal | feasible | infeasible | unknown
+    wall_s: float
+    stats: dict
+
+
+def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: float | None = None,
+          max_iter: int = 200, seed: int = 0, max_cap: float = MAX_CAP) -> Result:
+    """Exact optimum of an ilp.StrategyGraph by reductions, min-marginal pruning and
+    a final elimination (module docstring). hint: a full assignment (an upper
+    bound when it is feasible). until: perf_counter() deadline; past it the best
+    plan is returned with its bound as "feasible". Proves what it returns as
+    "optimal" (the bound meets the plan's cost to 1e-9) and never returns a plan
+    that is forbidden or over the memory limit."""
+    from . import ilp
+    from .reduce import local_search
+    t0 = time.perf_counter()
+    total = 10 * cap if total is None else total
+    stats: dict = {"iterations": 0, "pruned_strategies": 0, "pruned_pairs": 0}
+    best, ub, lb = None, math.inf, -math.inf
+
+    def result(status):
+        obj = ub if best is not None else math.inf
+        bound = obj if status == "optimal" else (math.inf if status == "infeasible" else min(lb, obj))
+        return Result(best, obj, bound, status, time.perf_counter() - t0, stats)
+
+    def consider(full):
+        nonlocal best, ub
+        if full is not None and ilp._feasible(graph, full):
+            obj = ilp.evaluate(graph, full)
+            if obj < ub:
+                best, ub = list(full), obj
+
+    try:
+        work = Work(graph.node_costs, graph.node_usages, graph.intervals, graph.edges, graph.edge_costs,
+                    graph.usage_limit)
+        work.run()
+    except Infeasible:
+        return result("infeasible")
+    stats["reduced"] = work.counts()
+    if hint is not None:
+        consider(list(hint))
+    try:
+        start = local_search(work, {i: hint[i] for i in work.nodes()} if hint is not None else None,
+                             iters=100, seed=seed)
+    except Infeasible:
+        start = None
+    if start is not None:
+        consider(work.reconstruct(start))
+    lam = np.zeros(work.nseg)
+    duals = _Duals()
+    theta, stall, flat = 1.0, 0, 0
+    best_mult = (lam.copy(), {})
+    for it in range(max_iter):
+        if not work.nodes():
+            consider(work.reconstruct({}))
+            return result("optimal" if best is not None else "infeasible")
+        if time.perf_counter() > until:
+            break
+        stats["iterations"] = it + 1
+        binding, bvec, parts = _memory_rows(work)
+        lam[np.setdiff1d(np.arange(work.nseg), binding)] = 0.0
+        cost = _priced(work, lam, parts)
+        relax = _relaxation(work, cap, total)
+        kept = relax[0]
+        dropped = [e for e in work.emat if e not in kept]
+        side, ends = {}, {}          # dropped edge -> (priced matrix, lam_u, lam_v), its ends
+        for e in dropped:
+            u, v = ends[e] = work.ends[e]
+            lu, lv = duals.get(work, (u, v))
+            cost[u] = cost[u] - lu
+            cost[v] = cost[v] - lv
+            side[e] = (work.emat[e] + lu[:, None] + lv[None, :], lu, lv)
+        p = junction_pass(work, cost, relax)
+        stats["dropped_edges"] = max(stats.get("dropped_edges", 0), len(dropped))
+        before = {i: work.strat[i].copy() for i in work.nodes()}
+        mins = {e: float(m.min()) for e, (m, _, _) in side.items()}
+        on = np.zeros(work.nseg, bool)
+        on[binding] = True
+        shift = sum(mins.values()) - float(lam[on] @ bvec[on])
+        low = p.bound + shift
+        stats.setdefault("bounds", []).append(low)
+        improved, lb_before = low > lb, lb
+        lb = max(lb, low)
+        consider(work.reconstruct({i: int(work.strat[i][s]) for i, s in p.plan.items()}))
+        if best is not None and lb >= ub - _TOL * max(1.0, abs(ub)):
+            return result("optimal")
+        if not dropped and not len(binding):
+            # an exact pass: its plan is the optimum of what is left (which holds every
+            # plan at most the best cost), so only an infinite bound gets here
+            return result("optimal" if best is not None else "infeasible") if not math.isfinite(low) \
+                else result("feasible" if best is not None else "unknown")
+        if math.isfinite(ub):
+            _prune_all(work, p, side, ends, mins, shift, ub, before, stats)
+            try:
+                work.run()
+            except Infeasible:      # nothing at most ub is left but the best plan: rounding
+                break
+        # subgradient step (Polyak) on the edge and the memory multipliers
+        gap = (ub - low) if math.isfinite(ub) else max(abs(low), 1.0) * 0.01
+        stall = 0 if improved else stall + 1
+        if improved:
+            best_mult = (lam.copy(), dict(duals.lam))
+        elif stall >= 3:       # back to the best multipliers, with a shorter step
+            theta, stall = theta / 2, 0
+            lam, duals.lam = best_mult[0].copy(), dict(best_mult[1])
+        flat = 0 if improved and low > lb_before + 1e-4 * gap else flat + 1
+        if flat >= 6 and dropped and cap < max_cap:      # the relaxation is too weak: keep more edges
+            cap, total, flat, theta = min(4 * cap, max_cap), 4 * total, 0, 1.0
+            stats["cap"] = cap
+        moves, nrm = [], 0
+        for e, (m, lu, lv) in side.items():
+            a, b = np.unravel_index(int(np.argmin(m)), m.shape)
+            moves.append((e, int(a), int(b)))
+            nrm += 2 * (p.plan[ends[e][0]] != a) + 2 * (p.plan[ends[e][1]] != b)
+        if nrm:
+            t = theta * gap / nrm
+            for e, a, b in moves:
+                m, lu, lv = side[e]
+                u, v = ends[e]
+                lu, lv = lu.copy(), lv.copy()
+                lu[p.plan[u]] -= t
+                lu[a] += t
+                lv[p.plan[v]] -= t
+                lv[b] += t
+                duals.lam[(u, v)] = ((lu, before[u]), (lv, before[v]))
+        if len(binding):
+            g = (_usage(work, parts, p.plan) - bvec)[binding]
+            if g @ g > 0:
+                lam[binding] = np.maximum(0.0, lam[binding] + theta * gap / float(g @ g) * g)
+    return result("feasible" if best is not None else "unknown")
+
+
+def _prune_all(work, p: Pass, side: dict, ends: dict, mins: dict, shift: float, ub: float, before: dict, stats: dict):
+    """Prune by the lower bounds of one pass plus its side problems (the dropped
+    edges): a strategy's bound is the main pass's min-marginal plus, for each
+    side problem, its min-marginal when it holds the node or else its minimum."""
+    node_lb = {i: mm + shift for i, mm in p.node_mm.items()}
+    side_mm = {}
+    for e, (m, _, _) in side.items():
+        u, v = ends[e]
+        side_mm[e] = (m.min(axis=1) - mins[e], m.min(axis=0) - mins[e])
+        node_lb[u] = node_lb[u] + side_mm[e][0]
+        node_lb[v] = node_lb[v] + side_mm[e][1]
+    extra = {i: 0.0 for i in node_lb}
+    for e in side:
+        u, v = ends[e]
+        extra[u] = extra[u] + side_mm[e][0]
+        extra[v] = extra[v] + side_mm[e][1]
+    pair_lb = {}
+    for e, mm in p.pair_mm.items():
+        u, v = work.ends[e]
+        pair_lb[e] = mm + shift + np.reshape(extra[u], (-1, 1)) + np.reshape(extra[v], (1, -1))
+    for e, (m, _, _) in side.items():
+        u, v = ends[e]
+        a = node_lb[u] - side_mm[e][0]       # everything but this side problem, u fixed
+        b = node_lb[v] - side_mm[e][1]
+        pair_lb[e] = m - mins[e] + np.maximum(a[:, None], b[None, :])
+    fake = Pass(0.0, {}, node_lb, pair_lb, 0)
+    stats["pruned_strategies"] += prune(work, fake, ub)
+    stats["pruned_pairs"] += prune_pairs(work, fake, ub, before)

@@ -1,0 +1,111 @@
+"""The two-phase planner's exact steps (planner.solve_plan), by elimination.
+
+Why a module of its own: prefill and decode share only the stored layouts
+(weights, KV cache), and the joint strategy graph that ties them is what CP-SAT
+cannot prove. eliminate.py solves it exactly without the memory limit
+(joint_unlimited): when that plan fits it is the limited optimum, and otherwise
+its optimum bounds the limited one from below. priced() then adds a
+Lagrangian memory price at the unlimited plan's peak time, for a tighter bound
+and often a better plan. Both work on the folded joint graph (planner.Builder).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import replace
+
+import numpy as np
+
+from . import eliminate, ilp
+from .planner import (Builder, Solved, is_stored, map_assignment, memory_error, memory_floor,
+                      rule_out_oversized)
+
+
+def joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds: list,
+                    until: float) -> tuple[Solved | None, float, tuple | None]:
+    """The joint problem (both phases, stored layouts shared) without the memory
+    limit, solved exactly by elimination (eliminate.py); declaration layouts that
+    cannot fit are ruled out first (exact). Its optimum bounds the limited
+    optimum from below; when its plan fits, it is the limited optimum: returned
+    as a proved plan. Returns (that plan or None, the bound, (the folded Built,
+    the unlimited plan) when that plan does not fit, for priced())."""
+    t0 = time.perf_counter()
+    built = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune, merge=merge).build(None)
+    if limit is not None:
+        floor = memory_floor(built, phases)
+        if sum(floor.values()) > limit:
+            raise memory_error(floor, limit, hw, math.prod(s for _, s in mesh))
+        rule_out_oversized(built, limit - sum(floor.values()))
+    got = eliminate.solve(built.sg, until=until)
+    fits = got.assignment is not None and (limit is None or memory_of(built, got.assignment) <= limit)
+    rounds.append({"model": "joint unlimited, elimination", "status": got.status, "objective": got.objective,
+                   "bound": got.bound, "fits": fits, "wall_s": time.perf_counter() - t0, **built.stats,
+                   **{k: v for k, v in got.stats.items() if k != "bounds"}})
+    if got.status == "infeasible":
+        return None, -math.inf, None
+    if got.status != "optimal" or not fits:
+        return None, got.bound, ((built, got.assignment) if got.assignment is not None else None)
+    sol = ilp.Solution(got.assignment, got.objective, got.objective, 0.0, "optimal", got.wall_s,
+                       {"proved_by": "elimination", **{k: v for k, v in got.stats.items() if k != "bounds"}})
+    return Solved(built, sol, got.objective, 0.0, "optimal", rounds, ""), got.bound, None
+
+
+def priced(unlimited, limit: float, memory_of, best: Solved, lower: float, rounds: list,
+            until: float) -> tuple[Solved, float]:
+    """A Lagrangian lower bound when the unlimited joint plan x0 does not fit.
+    At the time point t where x0 holds the most, every plan that fits has
+    usage(t) <= limit, so lam * (usage(t) - limit) <= 0 and min over plans of
+    cost + lam * usage(t), minus lam * limit, bounds the limited optimum from
+    below (usage(t) counts each folded statement at its smallest variant, so it
+    never exceeds the plan's memory). lam = (best cost - bound) / x0's excess:
+    the price at which x0's overflow costs the gap (PaLM 540B, 118 layers:
+    3.8e-12 s/B; the bound then rises from 12.450 to ~12.51 s). The priced plan,
+    if it fits and is cheaper, is kept. Returns (best, bound)."""
+    t0 = time.perf_counter()
+    built, x0 = unlimited
+    sg = built.sg
+    over = memory_of(built, x0) - limit
+    lam = (best.solution.objective - lower) / over if over > 0 else 0.0
+    if not lam > 0 or not math.isfinite(lam):
+        return best, lower
+    held = [float(u[x]) for u, x in zip(sg.node_usages, x0)]
+    points = sorted({a for a, b in sg.intervals if b > a})
+
+    def live(p):        # stored nodes and one phase's (the memory takes the largest phase, not a sum)
+        by = defaultdict(float)
+        for n, h, (a, b) in zip(built.nodes, held, sg.intervals):
+            if a <= p < b and not is_stored(n):
+                by[n.phase] += h
+        ph = max(by, key=by.get) if by else None
+        return ph, by.get(ph, 0.0)
+    t = max(points, key=lambda p: live(p)[1])
+    phase = live(t)[0]
+    costs = []
+    for n, c, (a, b) in zip(built.nodes, sg.node_costs, sg.intervals):
+        if not a <= t < b or not (is_stored(n) or n.phase == phase):
+            costs.append(c)
+            continue
+        if n.kind == "stmt" and n.layouts and n.layouts[0] is None:     # folded: its smallest variant
+            use = np.array([min(v.mem for v in n.strategies[si].variants) for si, _ in n.choices])
+        else:
+            use = n.usage
+        costs.append(c + lam * use)
+    try:        # the best plan so far: a good first upper bound of the priced problem
+        hint = map_assignment(best.built, best.solution.assignment, built)
+    except (KeyError, ValueError, StopIteration):
+        hint = None
+    got = eliminate.solve(replace(sg, node_costs=costs, usage_limit=None), hint=hint, until=until)
+    bound = got.bound - lam * limit
+    kept = False
+    if got.assignment is not None and memory_of(built, got.assignment) <= limit:
+        obj = ilp.evaluate(sg, got.assignment)
+        if obj < best.solution.objective:
+            old = best.solution
+            best = replace(best, built=built, solution=ilp.Solution(got.assignment, obj, old.bound, old.gap,
+                                                                    old.status, old.wall_s, dict(old.stats)))
+            kept = True
+    rounds.append({"model": "joint, memory priced (bound)", "status": got.status, "objective": got.objective,
+                   "bound": bound, "price_s_per_byte": lam, "time_point": t, "plan_kept": kept,
+                   "wall_s": time.perf_counter() - t0, **{k: v for k, v in got.stats.items() if k != "bounds"}})
+    return best, max(lower, bound)

@@ -1,0 +1,224 @@
+"""The exact elimination solver (passes/shard/eliminate.py): its optimum equals
+brute force and CP-SAT's proved optimum on random graphs, with and without a
+memory limit, with a table cap small enough that edges are dropped (the
+min-marginal pruning and the dual multipliers do the work) and large enough
+that the last pass is exact; it never reports a bound above the optimum."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import einpart.passes.shard  # noqa: F401
+from einpart.ir.parser import parse_file
+from einpart.passes import run_pipeline
+from einpart.passes.shard import eliminate, plan, planner as pl
+from einpart.passes.shard.hardware import load_hardware
+from einpart.passes.shard.ilp import StrategyGraph, evaluate, peak_usage, solve
+from einpart.passes.shard.phases import make_phases
+from einpart.passes.shard.reduce import Work
+
+F = 1e15
+
+
+def random_graph(seed, n=7, kmax=4, pe=0.5, pforb=0.05, limit=None, integral=True):
+    """Dense random graphs (many cycles: the reductions leave work to do)."""
+    rng = np.random.default_rng(seed)
+    ks = rng.integers(2, kmax + 1, n)
+    scale = 1.0 if integral else 0.37
+    costs = [np.where(rng.random(k) < 0.04, F, rng.integers(0, 20, k) * scale) for k in ks]
+    usages = [rng.integers(1, 10, k).astype(float) for k in ks]
+    intervals = [(s, s + int(rng.integers(1, 5))) for s in rng.integers(0, 6, n)]
+    edges, ecosts = [], []
+    for u, v in itertools.combinations(range(n), 2):
+        if rng.random() < pe:
+            m = rng.integers(0, 30, (ks[u], ks[v])) * scale
+            m = np.where(rng.random(m.shape) < pforb, F, m)
+            edges.append((u, v))
+            ecosts.append(m)
+    g = StrategyGraph(costs, usages, intervals, edges, ecosts, None)
+    if limit is not None:
+        lo = peak_usage(g, [int(np.argmin(u)) for u in usages])
+        hi = peak_usage(g, [int(np.argmax(u)) for u in usages])
+        g.usage_limit = float(lo + (hi - lo) * limit)
+    return g
+
+
+def brute(g):
+    best = np.inf
+    for x in itertools.product(*[range(len(c)) for c in g.node_costs]):
+        v = evaluate(g, x)
+        if v < best and (g.usage_limit is None or peak_usage(g, x) <= g.usage_limit):
+            best = v
+    return best
+
+
+def check(g, got, best):
+    """What solve returns is true: a proved optimum is the optimum, a bound is
+    below it, a plan is feasible and priced right."""
+    if np.isinf(best):
+        assert got.status == "infeasible" and got.assignment is None
+        return
+    assert got.status in ("optimal", "feasible")
+    assert got.bound <= best * (1 + 1e-9) + 1e-9
+    assert evaluate(g, got.assignment) == pytest.approx(got.objective, rel=1e-12)
+    assert got.objective >= best * (1 - 1e-12) - 1e-12
+    if g.usage_limit is not None:
+        assert peak_usage(g, got.assignment) <= g.usage_limit
+    if got.status == "optimal":
+        assert got.objective == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("cap", [30, 10 ** 6])
+@pytest.mark.parametrize("seed", range(12))
+def test_unlimited_optimum_is_brute_force(seed, cap):
+    g = random_graph(seed, integral=seed % 2 == 0)
+    got = eliminate.solve(g, cap=cap, total=10 * cap)
+    best = brute(g)
+    check(g, got, best)
+    assert got.status == ("infeasible" if np.isinf(best) else "optimal")   # no memory: always proved
+
+
+def test_small_cap_drops_edges_and_still_proves():
+    """A cap below the graphs' tables: edges are dropped, pruning and the multipliers
+    (and a growing cap) still end in proofs of the brute-force optimum."""
+    dropped = 0
+    for seed in range(8):
+        g = random_graph(300 + seed, n=8, kmax=5, pe=0.6, pforb=0.0)
+        got = eliminate.solve(g, cap=20, total=200)
+        check(g, got, brute(g))
+        assert got.status == "optimal"
+        dropped += got.stats.get("dropped_edges", 0) > 0
+    assert dropped >= 4
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_memory_limited_answers_are_true(seed):
+    g = random_graph(100 + seed, limit=0.4)
+    got = eliminate.solve(g, cap=10 ** 6, max_iter=60)
+    check(g, got, brute(g))
+
+
+def test_memory_limited_proofs_happen():
+    """Most small limited graphs are proved (the priced pass meets the plan)."""
+    proved = 0
+    for seed in range(12):
+        g = random_graph(100 + seed, limit=0.4)
+        got = eliminate.solve(g, cap=10 ** 6, max_iter=60)
+        check(g, got, brute(g))
+        proved += got.status == "optimal"
+    assert proved >= 6
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_larger_graphs_match_cp_sat(seed):
+    """Graphs too large for brute force: the same optimum as CP-SAT proves (integral
+    costs, so CP-SAT's model is exact)."""
+    g = random_graph(200 + seed, n=14, kmax=6, pe=0.3)
+    ref = solve(g, time_limit=30)
+    assert ref.status == "optimal"
+    for cap in (200, 10 ** 6):
+        got = eliminate.solve(g, cap=cap, total=10 * cap)
+        assert got.status == "optimal"
+        if cap == 10 ** 6:
+            assert got.stats.get("dropped_edges", 0) == 0     # the exact pass at once
+        assert got.objective == ref.objective == evaluate(g, got.assignment)
+
+
+def test_junction_pass_min_marginals_are_exact():
+    """With every edge kept the pass is exact: each strategy's min-marginal is
+    the best cost of a plan that uses it (brute force), and the pass's plan costs
+    its bound."""
+    g = random_graph(7, n=6, kmax=3, pforb=0.0)
+    w = Work(g.node_costs, g.node_usages, g.intervals, g.edges, g.edge_costs, None, skip={"eliminate", "merge",
+                                                                                          "dominance"})
+    w.normalize()
+    relax = eliminate._relaxation(w, 10 ** 6, 10 ** 7)
+    assert len(relax[0]) == len(w.emat)
+    p = eliminate.junction_pass(w, {i: w.cost[i] for i in w.nodes()}, relax)
+    plans = list(itertools.product(*[range(len(c)) for c in g.node_costs]))
+    vals = np.array([evaluate(g, x) for x in plans])
+    assert p.bound == pytest.approx(vals.min(), rel=1e-12)
+    x = [int(w.strat[i][p.plan[i]]) for i in range(len(g.node_costs))]
+    assert evaluate(g, x) == pytest.approx(p.bound, rel=1e-12)
+    for i in w.nodes():
+        for s, mm in enumerate(p.node_mm[i]):
+            want = vals[[x[i] == w.strat[i][s] for x in plans]].min()
+            assert mm == pytest.approx(want, rel=1e-12)
+    eid, mm = next(iter(p.pair_mm.items()))
+    u, v = w.ends[eid]
+    a, b = 0, 1 if mm.shape[1] > 1 else 0
+    want = vals[[x[u] == w.strat[u][a] and x[v] == w.strat[v][b] for x in plans]].min()
+    assert mm[a, b] == pytest.approx(want, rel=1e-12)
+
+
+def test_infeasible_limit_and_deadline():
+    g = random_graph(3, limit=0.4)
+    g.usage_limit = 0.5      # below every plan's least usage
+    assert eliminate.solve(g).status == "infeasible"
+    g = random_graph(104, n=12, kmax=5, limit=0.3)
+    got = eliminate.solve(g, cap=50, until=0.0)      # out of time at once: what it has
+    assert got.status in ("feasible", "unknown", "optimal", "infeasible")
+    if got.assignment is not None:
+        assert peak_usage(g, got.assignment) <= g.usage_limit
+
+
+def test_palm_joint_graph_matches_cp_sat():
+    """The both-phase strategy graph of the tiny palm.ein on a 2x2x2 cpu mesh
+    (5,724 strategies; the first pass must drop edges): the same optimum as
+    CP-SAT proves."""
+    graph = parse_file("examples/palm.ein")
+    built = pl.Builder(graph, (("x", 2), ("y", 2), ("z", 2)), load_hardware("cpu"),
+                       make_phases(graph, "both")).build(None)
+    got = eliminate.solve(built.sg)
+    ref = solve(built.sg, time_limit=30)
+    assert got.status == ref.status == "optimal"
+    assert got.stats["dropped_edges"] > 0
+    assert got.objective == pytest.approx(ref.objective, rel=1e-9)
+    assert evaluate(built.sg, got.assignment) == got.objective
+
+
+def test_palm_540b_both_phases_is_proved_optimal():
+    """PaLM 540B sizes, 2 layers (memory does not bind), both phases on 64 chips:
+    the planner's answer is proved (status optimal, gap 0) by the elimination, fits
+    in memory, and prices as the reports do."""
+    graph = run_pipeline(parse_file("examples/palm.ein", dict(D=18432, F=73728, H=48, K=256, V=256000, L=2)),
+                         "cast{dtype=bf16}").graph
+    p = plan(graph, "x=4,y=4,z=4", "tpu-v4", "both", batch=64, context=2048, prompt=2048, time_limit=30)
+    assert p.status == "optimal" and p.gap == 0.0 and p.bound == p.objective
+    assert p.stats["rounds"][0]["model"] == "joint unlimited, elimination"
+    assert max(r.memory_bytes for r in p.phases.values()) <= load_hardware("tpu-v4").hbm_bytes
+    # the reports' price: the same, but for the stored-byte tie-break (~1e-19 s per byte)
+    assert p.objective == pytest.approx(p.stats["objective_repriced"], abs=1e-8)
+
+
+@pytest.mark.parametrize("mesh, frac", [("x=2", 0.6), ("x=4", 0.6)])
+def test_memory_priced_bound_is_below_the_limited_optimum(mesh, frac):
+    """joint.priced (the Lagrangian bound of a two-phase plan whose unlimited
+    optimum does not fit): between the unlimited optimum and the limited optimum
+    that CP-SAT proves on the exact joint graph; a plan it keeps fits."""
+    import math
+
+    from einpart.passes.shard import joint
+    from einpart.passes.shard.mesh import parse_mesh
+    graph = parse_file("examples/palm.ein")
+    hw, m = load_hardware("tpu-v4"), parse_mesh(mesh)
+    phases = make_phases(graph, "both")
+    memory = lambda b, a: pl.plan_memory(b, a, phases)  # noqa: E731
+    free = pl.Builder(graph, m, hw, phases).build(None)
+    unlimited = eliminate.solve(free.sg)
+    assert unlimited.status == "optimal"
+    limit = frac * memory(free, unlimited.assignment)
+    exact = pl.Builder(graph, m, hw, phases, fold=False).build(limit)
+    ref = solve(exact.sg, time_limit=30)
+    assert ref.status == "optimal" and ref.objective > unlimited.objective * (1 + 1e-6)   # memory binds
+    rounds: list = []
+    best = pl.Solved(exact, ref, ref.bound, 0.0, "optimal")
+    got, bound = joint.priced((free, unlimited.assignment), limit, memory, best, unlimited.objective, rounds,
+                            math.inf)
+    assert rounds and rounds[0]["model"] == "joint, memory priced (bound)" and rounds[0]["price_s_per_byte"] > 0
+    assert unlimited.objective <= bound <= ref.objective * (1 + 1e-9)
+    assert memory(got.built, got.solution.assignment) <= limit
+    assert got.solution.objective == pytest.approx(evaluate(got.built.sg, got.solution.assignment), rel=1e-12)
+    assert got.solution.objective >= ref.objective * (1 - 1e-9)
