@@ -4,13 +4,15 @@ to price by hand: hardware at 1 byte/s of HBM and no FLOP limit, so a
 statement's memory time is its byte count in seconds."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from einpart.errors import EinpartError
 from einpart.ir.parser import parse
 from einpart.passes.shard import plan
 from einpart.passes.shard.cost import operand_reads
-from einpart.passes.shard.fusion import fused_maps
+from einpart.passes.shard.fusion import fused_maps, lowering, weight_converts
 from einpart.passes.shard.hardware import PRESETS, hardware_from_dict, load_hardware
 from einpart.passes.shard.report import price_graph
 
@@ -94,23 +96,26 @@ LAYERS = """
 size B = 2, D = 8, L = 3
 index b: B, d: D, e: D, l: L
 input x[b, d]
-xl[b, d] = repeat l (u = x) {
+xl[b, e] = repeat l (u = x) {
+  param gain[d]
   param w[d, e]
   y[b, e] = u[b, d] * w[d, e]
-  yield y
+  z[b, e] = y[b, e] * gain[e]
+  yield z
 }
 output xl
 """
 
 
-def test_scanned_layers_pay_a_copy_of_every_stacked_weight():
+def test_scanned_layers_pay_a_copy_of_every_stacked_weight_a_product_reads():
     """lax.scan copies each layer's w (8 x 8 x 4 = 256 bytes) out of the stack: a read
-    and a write and a kernel per layer, 3 layers."""
+    and a write and a kernel per layer, 3 layers. The gain, read elementwise, is not
+    copied (the slice fuses into its reader)."""
     gr = parse(LAYERS)
     unrolled = price_graph(gr, hw(kernel_s=0.5))
     scanned = price_graph(gr, hw(kernel_s=0.5), layers="scan")
-    copy = scanned.stmt("w@scan")
-    assert (copy.memory_s, copy.launch_s, copy.count) == (512.0, 0.5, 3)
+    copies = [s for s in scanned.stmts if s.name.endswith("@scan")]
+    assert [(c.name, c.memory_s, c.launch_s, c.count) for c in copies] == [("w@scan", 512.0, 0.5, 3)]
     assert scanned.step_s == pytest.approx(unrolled.step_s + 3 * (512 + 0.5))
     with pytest.raises(EinpartError, match="price_graph: layers must be one of unroll, scan, got 'loop'"):
         price_graph(gr, hw(), layers="loop")
@@ -124,3 +129,28 @@ def test_hardware_kernel_cost_field(tmp_path):
     f.write_text('base = "h200"\nkernel_s = -1\n')
     with pytest.raises(EinpartError, match="field 'kernel_s' must not be negative, got -1"):
         load_hardware(str(f))
+
+
+INT8 = """
+size B = 2, D = 8, E = 16
+index b: B, d: D, e: E
+input x[b, d] : bf16
+param w[d, e] : i8
+y[b, e] : bf16 = x[b, d] * w[d, e]
+output y
+"""
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_an_int8_weight_cast_for_a_gpu_product_is_a_kernel_that_writes_it(convert):
+    """The lowering casts w to bf16 for the product; on hardware with convert_kernel
+    (XLA GPU) that cast reads w (128 bytes), writes the bf16 copy (256) and the GEMM
+    reads the copy (256), two kernels; else the product reads w as stored."""
+    h = replace(hw(kernel_s=0.5), convert_kernel=convert)
+    rep = price_graph(parse(INT8), h)
+    y = rep.stmt("y")
+    x_and_out = 2 * 8 * 2 + 2 * 16 * 2                              # bf16 x and y
+    assert y.memory_s == x_and_out + (128 + 256 + 256 if convert else 128)
+    assert y.launch_s == (1.0 if convert else 0.5)
+    assert weight_converts(parse(INT8)) == {"y": {"w": 2}}
+    assert lowering(parse(INT8), h).converts == ({"y": {"w": 2}} if convert else {})

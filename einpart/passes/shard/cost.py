@@ -247,14 +247,18 @@ def operand_reads(s: g.Statement, types: dict, fused=None) -> list:
     """(indices, bytes per element) of every distinct tensor s reads from HBM, in the
     statement's index names: each operand once however often the expression names it
     (mean(x * x) reads x once), and in place of a fused map (fusion.fused_maps: name ->
-    statement) the tensors that map reads, through chains of fused maps."""
-    fused = fused or {}
+    statement) the tensors that map reads, through chains of fused maps. A weight the
+    statement converts (fusion.Lowering.converts) costs its read, the converted copy's
+    write and the product's read of that copy."""
+    converts = getattr(fused, "converts", {}).get(s.name, {})
+    fused = fused if fused is not None else {}
     seen: dict = {}
 
     def visit(name: str, indices: tuple, depth: int = 0):
         m = fused.get(name)
         if m is None or depth > len(fused):
-            seen.setdefault((name, indices), DTYPE_BYTES[types[name].dtype])
+            item = DTYPE_BYTES[types[name].dtype]
+            seen.setdefault((name, indices), item + 2 * converts[name] if name in converts else item)
             return
         rename = dict(zip(m.type.indices, indices))
         for r in lay.stmt_refs(m):
@@ -291,10 +295,11 @@ def stmt_bytes(s: g.Statement, types: dict, sizes: dict, split: dict, mesh_size:
 def stmt_kernels(s: g.Statement, fused=None) -> int:
     """Kernels one execution of s launches: none for a fused map (and a repeat, whose
     body's statements count), else one (a GEMM, a loop or reduction fusion, a gather,
-    an in-place update); collectives pay their latency term instead (Pricer)."""
+    an in-place update) and one per weight it converts (fusion.Lowering.converts);
+    collectives pay their latency term instead (Pricer)."""
     if isinstance(s.op, g.Repeat) or (fused and s.name in fused):
         return 0
-    return 1
+    return 1 + len(getattr(fused, "converts", {}).get(s.name, ()))
 
 
 def compute_time(s: g.Statement, types: dict, sizes: dict, split: dict, hw: Hardware, mesh_size: dict,

@@ -54,6 +54,7 @@ class Hardware:
     inter_node: Link | None = None
     axes: tuple = ()           # ((mesh axis name, Link), ...): per-axis overrides
     kernel_s: float = 0.0      # seconds each kernel a step launches costs beyond its roofline
+    convert_kernel: bool = False   # a product's weight cast (int8 -> bf16) is a kernel of its own (XLA GPU)
     source: str = field(default="", compare=False)
 
     def axis_links(self, mesh) -> dict[str, Link]:
@@ -102,9 +103,12 @@ TPU_V4_TORUS = replace(TPU_V4, name="tpu-v4-torus", link=Link(90e9, 1e-6), combi
 # InfiniBand NIC per GPU = 50 GB/s. Latencies are assumed (2 us NVLink step,
 # 5 us InfiniBand step). Kernel cost (kernel_s): the H200's measured 1.9 us
 # (below), not measured on an H100 (same Hopper chip, driver and XLA path).
+# convert_kernel: XLA on GPU casts an int8 weight to bf16 in a kernel of its
+# own before the GEMM (H200 HLO, benchmarks/results/convert-h200-20261202.json).
 H100 = Hardware(
     name="h100", flops_bf16=989e12, flops_int8=1979e12, hbm_bandwidth=3.35e12, hbm_bytes=80e9,
     link=Link(450e9, 2e-6), combine="min", node_size=8, inter_node=Link(50e9, 5e-6), kernel_s=1.9e-6,
+    convert_kernel=True,
     source="NVIDIA H100 SXM datasheet (dense); scaling book GPU chapter; kernel_s: the H200's")
 # H200: measured on one NVIDIA H200 (device tool, JAX 0.11.2, 2026-12-02) by
 # benchmarks/calibrate.py, file benchmarks/results/hardware-h200.toml: bf16
@@ -126,7 +130,8 @@ CPU = Hardware(
 PRESETS = {h.name: h for h in (TPU_V4, TPU_V4_TORUS, H100, H200, CPU)}
 
 _NUMBERS = ("flops_bf16", "flops_int8", "hbm_bandwidth", "hbm_bytes")
-_KNOWN = set(_NUMBERS) | {"name", "base", "link", "combine", "node_size", "inter_node", "axes", "kernel_s"}
+_KNOWN = set(_NUMBERS) | {"name", "base", "link", "combine", "node_size", "inter_node", "axes", "kernel_s",
+                          "convert_kernel"}
 
 
 def load_hardware(spec) -> Hardware:
@@ -210,6 +215,10 @@ def hardware_from_dict(data: dict, where: str = "hardware") -> Hardware:
         kw["node_size"] = ns
     if "kernel_s" in data:
         kw["kernel_s"] = _num(where, "kernel_s", data["kernel_s"], positive=False)
+    if "convert_kernel" in data:
+        if not isinstance(data["convert_kernel"], bool):
+            raise EinpartError(f"{where}: field 'convert_kernel' must be true or false, got {data['convert_kernel']!r}")
+        kw["convert_kernel"] = data["convert_kernel"]
     if "inter_node" in data:
         kw["inter_node"] = _link(where, "inter_node", data["inter_node"], base.inter_node if base else None)
     if "axes" in data:

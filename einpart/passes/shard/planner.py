@@ -47,7 +47,7 @@ from ...ir.shapes import DTYPE_BYTES
 from . import ilp, polish
 from .cost import (FORBIDDEN, Pricer, StmtStrategy, enumerate_layouts, layout_key, local_bytes,
                    ReshardTable, stmt_strategies)
-from .fusion import fused_maps
+from .fusion import lowering
 from .hardware import Hardware
 from .phases import Phase
 from .report import live_interval, peak_of, schedule, step_reads
@@ -184,7 +184,7 @@ class Builder:
         self.used_fix: set = set()
         self.prepared = param_only(graph)
         self.step_read = step_reads(graph, self.prepared)
-        self.fused = fused_maps(graph)
+        self.fused = lowering(graph, hw)
         self.prep_prod: dict[str, int] = {}
         self.pairs = 0
 

@@ -23,7 +23,7 @@ from ...ir.shapes import DTYPE_BYTES, decl_shapes
 from ...ir.verify import index_sizes, resolve_sizes
 from .cost import (Pricer, _Static, compute_time, is_contraction, local_bytes, price_moves, reduce_time,
                    stmt_flops, stmt_kernels)
-from .fusion import fused_maps
+from .fusion import lowering
 from .hardware import Hardware, load_hardware
 
 
@@ -261,14 +261,18 @@ def activation_peak(graph: g.Graph, idx: dict, mesh_size: dict, skip=frozenset()
 LAYER_MODES = ("unroll", "scan")
 
 
-def scan_copies(s: g.Statement, idx: dict, pricer: Pricer, hw: Hardware, read: set, count: int) -> list:
+def scan_copies(s: g.Statement, idx: dict, pricer: Pricer, hw: Hardware, read: set, count: int,
+                converted=frozenset()) -> list:
     """What lax.scan adds per layer (codegen layers="scan"): XLA copies each layer's
     slice of every stacked weight out of the stack before the products read it (the
     dynamic-slice fusions of the H200 HLO: bf16[1, 4096, 14336] per layer), a read and
-    a write of its bytes and a kernel each; StmtCost rows named '<weight>@scan'."""
+    a write of its bytes and a kernel each; StmtCost rows named '<weight>@scan'. Only
+    weights a product reads: elementwise readers (norm gains, int8 scales) fuse the
+    slice. A weight a product converts (fusion.weight_converts) is copied by that convert."""
+    gemm = {r.name for st in s.op.body.stmts if is_contraction(st) for r in lay.stmt_refs(st)}
     out = []
     for d in s.op.body.decls:
-        if d.kind != "param" or d.name not in read:
+        if d.kind != "param" or d.name not in read or d.name not in gemm or d.name in converted:
             continue
         nbytes = local_bytes(d.type.indices, idx, lay.type_layout(d.type), pricer.size, DTYPE_BYTES[d.type.dtype])
         out.append(StmtCost(f"{d.name}@scan", {}, lay.type_layout(d.type), [], 0.0,
@@ -295,7 +299,7 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
     rep = PhaseReport(phase, math.prod(n for _, n in mesh), hw.name, peak_flops=hw.flops_bf16)
     prepared = param_only(graph)
     read = step_reads(graph, prepared)
-    fused = fused_maps(graph)
+    fused = lowering(graph, hw)
     producers = {s.name: s for s, _ in graph.all_stmts()}
 
     def walk(block: g.Block, count: int, in_repeat: bool):
@@ -316,7 +320,8 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
                         rep.stmts.append(StmtCost(s.name, {}, lay.type_layout(s.type), parts, 0.0, 0.0,
                                                   sum(t for _, t in parts), 0.0, n, inside))
                 if layers == "scan":
-                    rep.stmts += scan_copies(s, idx, pricer, hw, read, count * idx[s.op.index])
+                    converted = {w for c in fused.converts.values() for w in c}
+                    rep.stmts += scan_copies(s, idx, pricer, hw, read, count * idx[s.op.index], converted)
                 walk(s.op.body, count * idx[s.op.index], True)
                 continue
             rep.stmts.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat, group_of.get(s.name),
