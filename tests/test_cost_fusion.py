@@ -129,6 +129,11 @@ def test_hardware_kernel_cost_field(tmp_path):
     f.write_text('base = "h200"\nkernel_s = -1\n')
     with pytest.raises(EinpartError, match="field 'kernel_s' must not be negative, got -1"):
         load_hardware(str(f))
+    f.write_text('base = "tpu-v4"\nconvert_kernel = true\n')
+    assert load_hardware(str(f)).convert_kernel and not PRESETS["tpu-v4"].convert_kernel
+    f.write_text('base = "tpu-v4"\nconvert_kernel = 1\n')
+    with pytest.raises(EinpartError, match="field 'convert_kernel' must be true or false, got 1"):
+        load_hardware(str(f))
 
 
 INT8 = """
