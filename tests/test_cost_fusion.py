@@ -159,3 +159,14 @@ def test_an_int8_weight_cast_for_a_gpu_product_is_a_kernel_that_writes_it(conver
     assert y.launch_s == (1.0 if convert else 0.5)
     assert weight_converts(parse(INT8)) == {"y": {"w": 2}}
     assert lowering(parse(INT8), h).converts == ({"y": {"w": 2}} if convert else {})
+
+
+def test_prepared_int8_weights_are_cast_as_their_step_params_are():
+    """The planner sees int8 weights as preparation statements, the step program as
+    params (split_prepare): both price the same casts."""
+    from einpart.codegen.prepare import split_prepare
+    from einpart.ir.parser import parse_file
+    from einpart.passes import run_pipeline
+    graph = run_pipeline(parse_file("examples/llama.ein"), "int8,cast{dtype=bf16}").graph
+    planned, step = weight_converts(graph), weight_converts(split_prepare(graph)[0])
+    assert planned == step and planned["gate_raw"] == {"w_gate_i8": 2} and len(planned) == 8

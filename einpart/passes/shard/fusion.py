@@ -4,8 +4,8 @@ each statement costs.
 
 The lowering (einpart.codegen.statements) emits one jnp expression per
 statement; XLA fuses an elementwise producer into the loop or reduction
-fusion of an elementwise, reducing or rope consumer, so such a producer writes no
-result to HBM and launches no kernel of its own: its consumers read its
+fusion of an elementwise, reducing or rope consumer, so such a producer
+writes no result to HBM and launches no kernel of its own: its consumers read its
 operands instead (the softmax maps of Llama's prefill over [b, g, r, t, s]
 scores, 57 ms each on an H200 when priced as written). It cannot fuse, and
 must write its result as a kernel of its own, where
@@ -66,12 +66,14 @@ def lowering(graph: g.Graph, hw) -> Lowering:
 
 
 def weight_converts(graph: g.Graph) -> dict:
-    """Per contraction, the weights (params) it casts to its product's dtype, as
+    """Per contraction, the weights it casts to its product's dtype, as
     codegen.statements does: the first bf16 / f16 operand's dtype, else (int8
-    operands) the spec's low float weight storage, else float32."""
-    params = {d.name for d, _ in graph.all_decls() if d.kind == "param"}
+    operands) the spec's low float weight storage, else float32. Weights: params
+    and prepared weights (param-only statements, params once split_prepare ran)."""
+    decls = {d.name for d, _ in graph.all_decls() if d.kind == "param"}
+    params = decls | param_only(graph)
     types = graph.types()
-    storage = next((types[n].dtype for n in sorted(params) if types[n].dtype in ("bf16", "f16")), None)
+    storage = next((types[n].dtype for n in sorted(decls) if types[n].dtype in ("bf16", "f16")), None)
     out: dict = {}
     for s, _ in graph.all_stmts():
         if not is_contraction(s):
