@@ -411,6 +411,12 @@ class _Static:
         return max(flops / self.peak, nbytes / self.hbm) + self.launch, flops, nbytes
 
 
+def materialize_time(s: g.Statement, types: dict, sizes: dict, hw: Hardware, mesh_size: dict, fused) -> float:
+    """Seconds a fused map (fusion.fused_maps) costs more when a collective reads it,
+    at its own split: the planner's StmtStrategy.materialize_s, for the report."""
+    return _Static(s, types, sizes, hw, fused).materialize(lay.stmt_split(s), mesh_size)
+
+
 def stmt_strategies(s: g.Statement, types: dict, size_maps: list[dict], pricer: Pricer, hw: Hardware,
                     phase_sizes: dict, forbid=frozenset(), fused=None) -> list[StmtStrategy]:
     """All strategies of a non-repeat statement: each legal split (indices in

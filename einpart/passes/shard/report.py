@@ -21,8 +21,8 @@ from ...ir import layout as lay
 from ...ir.analysis import param_only
 from ...ir.shapes import DTYPE_BYTES, decl_shapes
 from ...ir.verify import index_sizes, resolve_sizes
-from .cost import (Pricer, _Static, compute_time, is_contraction, local_bytes, price_moves, reduce_time,
-                   stmt_flops, stmt_kernels)
+from .cost import (Pricer, compute_time, is_contraction, local_bytes, materialize_time, price_moves,
+                   reduce_time, stmt_flops, stmt_kernels)
 from .fusion import lowering
 from .hardware import Hardware, load_hardware
 
@@ -139,8 +139,7 @@ def stmt_cost(s: g.Statement, types: dict, sizes: dict, pricer: Pricer, hw: Hard
         _, p = price_moves(moves, lay.ref_layout(ref, types[ref.name]), ref.indices, sizes, pricer, item)
         parts += [(f"{c.describe()} on {ref.name}", t) for c, t in p]
         if fused and ref.name in fused and any(c.kind != "slice" for c in moves):
-            m = producers[ref.name]
-            fusion_s += _Static(m, types, sizes, hw, fused).materialize(lay.stmt_split(m), pricer.size)
+            fusion_s += materialize_time(producers[ref.name], types, sizes, hw, pricer.size, fused)
     res_b = DTYPE_BYTES[s.type.dtype]
     natural = {i: tuple(split.get(i, ())) for i in out}
     if group is None:
