@@ -4,7 +4,9 @@ hardware file (TOML, the format einpart.passes.shard.hardware reads).
 Measured: bf16 matmul peak (8192^3 and 16384^3 products chained in a loop,
 random data, the best median), int8 matmul (int8 x int8 -> int32) where JAX lowers it,
 HBM bandwidth as the best of a large device-to-device copy, a scale (bytes
-read + written) and a read-only sum (bytes read), and
+read + written) and a read-only sum (bytes read), the cost of one kernel
+(a chain of tiny products: kernel_s), the rate batch-1 products stream
+their weights at (reported, not written to the file), and
 with more than one device all-reduce / all-gather time over several sizes
 through jax.shard_map, fitted to latency + bytes / bandwidth (the alpha-beta
 model cost.py prices). With one device the links are not measured: the file
@@ -76,6 +78,67 @@ def copy_bandwidth(jax, jnp, nbytes: int) -> dict:
     f = jax.jit(lambda x: jnp.sum(x.reshape(-1, 4096), axis=0, dtype=jnp.float32))
     out["read"] = nbytes / median_time(lambda: f(x).block_until_ready(), 20)
     return out
+
+
+def hlo_kernels(compiled) -> int:
+    """Kernels an optimised HLO module launches: the fusions, library calls
+    (custom-call: cuBLAS, cuDNN) and unfused dots of its entry computation."""
+    text = compiled.as_text()
+    entry = text[text.find("ENTRY"):]
+    entry = entry[:entry.find("\n}")]
+    ops = (" fusion(", " custom-call(", " dot(", " copy(")
+    return sum(1 for line in entry.splitlines() if any(o in line for o in ops))
+
+
+def kernel_overhead(jax, jnp, counts=(64, 512), width: int = 256) -> dict:
+    """Seconds each kernel of a compiled program costs beyond its work: a chain of
+    `n` tiny dependent products x <- x @ w ([1, width] x [width, width] f32, unrolled
+    in one jit, each its own kernel: XLA does not fuse one product into the next),
+    timed for two chain lengths, each call waited for. The slope per kernel is the
+    per-kernel cost (launch, ramp-up, tail), what the cost model charges per kernel
+    (hardware.py: kernel_s); the intercept `fixed_s` is one call's dispatch and wait,
+    which a step loop that dispatches ahead (benchmarks/decode.py) mostly hides."""
+    w = jax.random.normal(jax.random.key(5), (width, width), jnp.float32) / width ** 0.5
+    x = jax.random.normal(jax.random.key(6), (1, width), jnp.float32)
+    rows = []
+    for n in counts:
+        def chain(x, w, n=n):
+            for _ in range(n):
+                x = x @ w
+            return x
+        f = jax.jit(chain).lower(x, w).compile()
+        t = median_time(lambda: f(x, w).block_until_ready(), 30, warmup=5)
+        rows.append({"products": n, "kernels": hlo_kernels(f), "seconds": t})
+    a, b = rows[0], rows[-1]
+    per = (b["seconds"] - a["seconds"]) / max(b["kernels"] - a["kernels"], 1)
+    return {"rows": rows, "per_kernel_s": per, "fixed_s": a["seconds"] - a["kernels"] * per}
+
+
+def matvec_bandwidth(jax, jnp, d: int = 4096, f: int = 14336, pairs: int = 8,
+                     per_kernel_s: float = 0.0, fixed_s: float = 0.0) -> dict:
+    """Bytes/s of the weight reads of batch-1 products, as a decode step does them:
+    `pairs` distinct [d, f] and [f, d] bf16 weights (f = 14336: Llama-8B's MLP shapes,
+    117 MB each) in a chain x <- x @ w_a; x <- x @ w_b, unrolled in one jit. `raw` is
+    weight bytes / time; `net` leaves out one call's fixed_s and per_kernel_s for each
+    kernel the program launches (kernel_overhead): the rate a matvec streams at, to
+    compare with the copy bandwidth."""
+    keys = jax.random.split(jax.random.key(7), 2 * pairs)
+    ws = [jax.random.normal(k, (d, f) if j % 2 == 0 else (f, d), jnp.bfloat16) * 0.01
+          for j, k in enumerate(keys)]
+    x = jax.random.normal(jax.random.key(8), (1, d), jnp.bfloat16)
+
+    def chain(x, ws):
+        for w in ws:
+            x = x @ w
+        return x
+    fn = jax.jit(chain).lower(x, ws).compile()
+    t = median_time(lambda: fn(x, ws).block_until_ready(), 20, warmup=3)
+    nbytes = sum(w.size * 2 for w in ws)
+    kernels = hlo_kernels(fn)
+    net = t - fixed_s - kernels * per_kernel_s
+    return {"shape": f"[1,{d}]x[{d},{f}] and [1,{f}]x[{f},{d}] bf16, {2 * pairs} products",
+            "weight_bytes": nbytes, "kernels": kernels, "seconds": t, "raw": nbytes / t,
+            "net": nbytes / net if net > 0 else None}
 
 
 def collective_fit(jax, jnp, kind: str, sizes: list[int]) -> dict:
@@ -159,6 +222,16 @@ def main(argv=None) -> int:
     meas["hbm_bytes_per_s"] = {"bytes": nbytes, **ways}
     print(f"HBM over {nbytes / 2 ** 30:.1f} GiB: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in ways.items()),
           flush=True)
+    ko = kernel_overhead(jax, jnp)
+    meas["kernel_overhead"] = ko
+    print(f"kernel overhead: {ko['per_kernel_s'] * 1e6:.2f} us a kernel ({ko['rows'][0]['kernels']} and "
+          f"{ko['rows'][-1]['kernels']} kernels), {ko['fixed_s'] * 1e6:.0f} us a call", flush=True)
+    if gpu:
+        meas["matvec"] = [matvec_bandwidth(jax, jnp, 4096, f, pairs, ko["per_kernel_s"], ko["fixed_s"])
+                          for f, pairs in ((14336, 8), (4096, 16))]
+        for m in meas["matvec"]:
+            print(f"matvec {m['shape']}: {m['raw'] / 1e12:.2f} TB/s raw, "
+                  f"{(m['net'] or 0) / 1e12:.2f} TB/s net of launches", flush=True)
     stats = dev.memory_stats() or {}
     meas["memory_stats_bytes_limit"] = stats.get("bytes_limit")
 
@@ -182,7 +255,8 @@ def main(argv=None) -> int:
     print(link_note, flush=True)
 
     fields = {"name": args.name, "base": base.name, "flops_bf16": peak,
-              "flops_int8": i8 if i8 else base.flops_int8, "hbm_bandwidth": hbm, "hbm_bytes": base.hbm_bytes}
+              "flops_int8": i8 if i8 else base.flops_int8, "hbm_bandwidth": hbm, "hbm_bytes": base.hbm_bytes,
+              "kernel_s": max(ko["per_kernel_s"], 0.0)}
     lines = [f"# einpart hardware file, measured by benchmarks/calibrate.py on {meas['device']}",
              f"# ({meas['devices']} device(s), JAX {meas['jax']}, {meas['date']}).",
              f"# command: {meas['command']}",
@@ -194,6 +268,8 @@ def main(argv=None) -> int:
              + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in ways.items())
              + " (copy and scale count bytes read + written, read counts bytes read)",
              f"# hbm_bytes: preset {base.name}'s (capacity, not measured)",
+             f"# kernel_s: per kernel of a chain of tiny products, {ko['rows'][0]['kernels']} vs "
+             f"{ko['rows'][-1]['kernels']} kernels in one program",
              f"# {link_note}"]
     lines += [f"{k} = {toml_value(v)}" for k, v in fields.items()]
     lines += ["", "[link]", f"bandwidth = {toml_value(float(link['bandwidth']))}",

@@ -1,7 +1,8 @@
 """Predicted (the planner's cost model as it is now) against measured time for
 every row of a benchmarks/decode.py result, without a device: rebuilds each
 row's program graph (same spec, sizes, plan, int8 or not) and prices it with
-einpart.passes.shard.report.price_graph on the given hardware.
+einpart.passes.shard.report.price_graph on the given hardware, with the row's
+layer loop (layers="scan" for the scanned rows: the per-layer weight copies).
 
     python benchmarks/reprice.py benchmarks/results/decode-8b-nvidia-h200-run3-*.json --hardware h200
 """
@@ -41,7 +42,8 @@ def main(argv=None) -> int:
             graphs[int8] = simple_plan(g, {"x": 1})
         prefill_len = r.get("tokens") or 2048
         pg = split_prepare(program_graphs(graphs[int8], prefill_len, r["batch"])[r["phase"]])[0]
-        pred = price_graph(pg, args.hardware, r["phase"]).step_s * 1e3
+        layers = "scan" if "scan" in r["impl"] else "unroll"
+        pred = price_graph(pg, args.hardware, r["phase"], layers=layers).step_s * 1e3
         r["repriced_ms"] = pred
         print(f"{r['impl']:<22}{r['phase']:<9}{r['batch']:>6}{r['ms']:>13.2f}{pred:>14.2f}{pred / r['ms']:>11.2f}"
               + ("" if 0.75 <= pred / r["ms"] <= 1.25 else "   outside +-25%"))

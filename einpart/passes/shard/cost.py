@@ -3,8 +3,12 @@
 Everything is per device and in seconds. A statement under a split costs
 
   compute   a roofline, max(FLOPs / peak, bytes / HBM bandwidth), with the
-            bytes of every operand read at the layout the split asks for
-            (weights, activations, KV cache) and the result written;
+            bytes of every distinct operand read at the layout the split asks
+            for (weights, activations, KV cache) and the result written, plus
+            the hardware's kernel_s for every kernel the statement launches;
+            an elementwise statement XLA fuses into its consumers (fusion.py)
+            moves no bytes and launches nothing: its consumers read its
+            operands instead;
   reduce    the psum / pmax / psum_scatter its sharded reduced indices leave
             (einpart.ir.layout.plan_stmt decides which; this module prices);
   operands  the reshard of each operand from its producer's stored layout to
@@ -239,9 +243,39 @@ def stmt_flops(s: g.Statement, sizes: dict, split: dict, mesh_size: dict) -> flo
     return 0.0
 
 
-def stmt_bytes(s: g.Statement, types: dict, sizes: dict, split: dict, mesh_size: dict) -> float:
-    """HBM bytes one device reads and writes (operands at the split's layout, result)."""
+def operand_reads(s: g.Statement, types: dict, fused=None) -> list:
+    """(indices, bytes per element) of every distinct tensor s reads from HBM, in the
+    statement's index names: each operand once however often the expression names it
+    (mean(x * x) reads x once), and in place of a fused map (fusion.fused_maps: name ->
+    statement) the tensors that map reads, through chains of fused maps. A weight the
+    statement converts (fusion.Lowering.converts) costs its read, the converted copy's
+    write and the product's read of that copy."""
+    converts = getattr(fused, "converts", {}).get(s.name, {})
+    fused = fused if fused is not None else {}
+    seen: dict = {}
+
+    def visit(name: str, indices: tuple, depth: int = 0):
+        m = fused.get(name)
+        if m is None or depth > len(fused):
+            item = DTYPE_BYTES[types[name].dtype]
+            seen.setdefault((name, indices), item + 2 * converts[name] if name in converts else item)
+            return
+        rename = dict(zip(m.type.indices, indices))
+        for r in lay.stmt_refs(m):
+            visit(r.name, tuple(rename[i] for i in r.indices), depth + 1)
+
+    for r in lay.stmt_refs(s):
+        visit(r.name, r.indices)
+    return [(ix, b) for (_, ix), b in seen.items()]
+
+
+def stmt_bytes(s: g.Statement, types: dict, sizes: dict, split: dict, mesh_size: dict,
+               fused=None) -> float:
+    """HBM bytes one device reads and writes (operands at the split's layout, result);
+    fused: fusion.fused_maps of the graph (a fused map moves none; see operand_reads)."""
     op = s.op
+    if fused and s.name in fused:
+        return 0.0
     out_b = DTYPE_BYTES[s.type.dtype]
     out = local_bytes(s.type.indices, sizes, split, mesh_size, out_b)
     if isinstance(op, g.Write):
@@ -253,15 +287,27 @@ def stmt_bytes(s: g.Statement, types: dict, sizes: dict, split: dict, mesh_size:
             ids = local_bytes(op.ids.indices, sizes, split, mesh_size, DTYPE_BYTES[types[op.ids.name].dtype])
         return 2 * out + ids                      # the looked-up rows, the ids, the result
     total = out
-    for r in lay.stmt_refs(s):
-        total += local_bytes(r.indices, sizes, split, mesh_size, DTYPE_BYTES[types[r.name].dtype])
+    for ix, item in operand_reads(s, types, fused):
+        total += local_bytes(ix, sizes, split, mesh_size, item)
     return total
 
 
-def compute_time(s: g.Statement, types: dict, sizes: dict, split: dict, hw: Hardware, mesh_size: dict):
-    """(seconds, flops, bytes, bound): the roofline of one statement on one device."""
+def stmt_kernels(s: g.Statement, fused=None) -> int:
+    """Kernels one execution of s launches: none for a fused map (and a repeat, whose
+    body's statements count), else one (a GEMM, a loop or reduction fusion, a gather,
+    an in-place update) and one per weight it converts (fusion.Lowering.converts);
+    collectives pay their latency term instead (Pricer)."""
+    if isinstance(s.op, g.Repeat) or (fused and s.name in fused):
+        return 0
+    return 1 + len(getattr(fused, "converts", {}).get(s.name, ()))
+
+
+def compute_time(s: g.Statement, types: dict, sizes: dict, split: dict, hw: Hardware, mesh_size: dict,
+                 fused=None):
+    """(seconds, flops, bytes, bound): the roofline of one statement on one device
+    (the kernel launch cost, stmt_kernels x hw.kernel_s, is not in it)."""
     flops = stmt_flops(s, sizes, split, mesh_size)
-    nbytes = stmt_bytes(s, types, sizes, split, mesh_size)
+    nbytes = stmt_bytes(s, types, sizes, split, mesh_size, fused)
     refs = [types[r.name].dtype for r in lay.stmt_refs(s)]
     peak = hw.flops_int8 if refs and all(d == "i8" for d in refs) else hw.flops_bf16
     tc, tm = flops / peak, nbytes / hw.hbm_bandwidth
@@ -281,10 +327,11 @@ class Variant:
 class StmtStrategy:
     """One way to run a statement: its split, and the layouts it may store its result in."""
     split: dict                  # index -> mesh axes
-    compute_s: float             # roofline time
+    compute_s: float             # roofline time plus kernel launches
     flops: float
     nbytes: float
     variants: list               # Variant per declared layout (the first is the natural one)
+    materialize_s: float = 0.0   # a fused map: what writing its result costs more (see fusion.py)
 
 
 def reduce_plan(s: g.Statement, split: dict, declared: dict):
@@ -311,7 +358,7 @@ class _Static:
     split, FLOPs = flops_per_point * (local iteration points) and bytes =
     sum over terms of itemsize * (local extent of the term's indices)."""
 
-    def __init__(self, s: g.Statement, types: dict, sizes: dict, hw: Hardware):
+    def __init__(self, s: g.Statement, types: dict, sizes: dict, hw: Hardware, fused=None):
         self.indices = stmt_indices(s)
         self.sizes = sizes
         probe = {}
@@ -327,35 +374,59 @@ class _Static:
                 terms.append((op.ids.indices, DTYPE_BYTES[types[op.ids.name].dtype]))
         else:
             terms.append((s.type.indices, out_b))
-            for r in lay.stmt_refs(s):
-                terms.append((r.indices, DTYPE_BYTES[types[r.name].dtype]))
-        self.terms = terms
+            terms += operand_reads(s, types, fused)
+        self.fused = bool(fused) and s.name in fused
+        self.terms = [] if self.fused else terms
+        self.unfused_terms = terms
         refs = [types[r.name].dtype for r in lay.stmt_refs(s)]
         self.peak = hw.flops_int8 if refs and all(d == "i8" for d in refs) else hw.flops_bf16
         self.hbm = hw.hbm_bandwidth
+        self.launch = stmt_kernels(s, fused) * hw.kernel_s
+        self.kernel_s = hw.kernel_s
 
-    def roofline(self, split: dict, mesh_size: dict):
+    def materialize(self, split: dict, mesh_size: dict) -> float:
+        """A fused map that must write its result after all (a collective reads it):
+        seconds more than fused, as one kernel reading its operands and writing it."""
+        if not self.fused:
+            return 0.0
+        ext = self._extents(split, mesh_size)
+        flops = self.flops_per_point * math.prod(ext.values())
+        nbytes = sum(b * math.prod(ext[i] for i in ix) for ix, b in self.unfused_terms)
+        return max(flops / self.peak, nbytes / self.hbm) - flops / self.peak + self.kernel_s
+
+    def _extents(self, split: dict, mesh_size: dict) -> dict:
         ext = {}
         for i in self.indices:
             p = 1
             for a in split.get(i, ()):
                 p *= mesh_size[a]
             ext[i] = self.sizes[i] / p
+        return ext
+
+    def roofline(self, split: dict, mesh_size: dict):
+        ext = self._extents(split, mesh_size)
         points = math.prod(ext.values())
         flops = self.flops_per_point * points
         nbytes = sum(b * math.prod(ext[i] for i in ix) for ix, b in self.terms)
-        return max(flops / self.peak, nbytes / self.hbm), flops, nbytes
+        return max(flops / self.peak, nbytes / self.hbm) + self.launch, flops, nbytes
+
+
+def materialize_time(s: g.Statement, types: dict, sizes: dict, hw: Hardware, mesh_size: dict, fused) -> float:
+    """Seconds a fused map (fusion.fused_maps) costs more when a collective reads it,
+    at its own split: the planner's StmtStrategy.materialize_s, for the report."""
+    return _Static(s, types, sizes, hw, fused).materialize(lay.stmt_split(s), mesh_size)
 
 
 def stmt_strategies(s: g.Statement, types: dict, size_maps: list[dict], pricer: Pricer, hw: Hardware,
-                    phase_sizes: dict, forbid=frozenset()) -> list[StmtStrategy]:
+                    phase_sizes: dict, forbid=frozenset(), fused=None) -> list[StmtStrategy]:
     """All strategies of a non-repeat statement: each legal split (indices in
     `forbid` kept whole), and for a partial sum the reduce-scatter of all its
-    reduced axes onto each output index that divides, as extra variants."""
+    reduced axes onto each output index that divides, as extra variants;
+    fused: fusion.fused_maps of the graph."""
     mesh_size = pricer.size
     out = s.type.indices
     res_b = DTYPE_BYTES[s.type.dtype]
-    static = _Static(s, types, phase_sizes, hw)
+    static = _Static(s, types, phase_sizes, hw, fused)
     reduced = lay.reduced_indices(s)
     is_sum = not (isinstance(s.op, g.Compute) and s.op.reduce == "max")
     is_write = isinstance(s.op, g.Write)
@@ -383,7 +454,7 @@ def stmt_strategies(s: g.Statement, types: dict, size_maps: list[dict], pricer: 
             parts = math.prod(mesh_size[a] for i in out for a in after[i])
             mem = 0.0 if is_write else out_total / parts
             variants.append(Variant(layout_key(after, out), reduce, rt, mem))
-        strategies.append(StmtStrategy(split, comp, flops, nbytes, variants))
+        strategies.append(StmtStrategy(split, comp, flops, nbytes, variants, static.materialize(split, mesh_size)))
     return strategies
 
 

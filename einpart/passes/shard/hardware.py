@@ -1,7 +1,9 @@
 """Hardware as data: what the cost model needs to know about a device and
 its links, as presets with their sources, or from a small TOML/JSON file.
 
-Per device: peak FLOP/s (bf16, int8), HBM bandwidth and capacity. Per mesh
+Per device: peak FLOP/s (bf16, int8), HBM bandwidth and capacity, and the
+cost of one kernel launch (kernel_s: what a step pays per kernel beyond its
+roofline; cost.stmt_kernels counts them). Per mesh
 axis: the link a collective along that axis runs over (bandwidth in bytes/s
 that one device moves, and latency per collective step). How a collective
 over several axes uses their links is `combine`:
@@ -51,6 +53,8 @@ class Hardware:
     node_size: int = 0         # devices per node; 0 = the whole mesh is one node
     inter_node: Link | None = None
     axes: tuple = ()           # ((mesh axis name, Link), ...): per-axis overrides
+    kernel_s: float = 0.0      # seconds each kernel a step launches costs beyond its roofline
+    convert_kernel: bool = False   # a product's weight cast (int8 -> bf16) is a kernel of its own (XLA GPU)
     source: str = field(default="", compare=False)
 
     def axis_links(self, mesh) -> dict[str, Link]:
@@ -82,7 +86,8 @@ class Hardware:
 # per-link figures behind it: 4.5e10 B/s one way, 9e10 bidirectional per
 # axis with wraparound, 3 axes = 2.7e11: preset "tpu-v4-torus" prices that
 # physical torus (combine "sum"). Latency: an assumed 1 us per step (Pope et
-# al. leave latency out of the closed forms).
+# al. leave latency out of the closed forms). No kernel cost (kernel_s = 0):
+# the paper prices none, and none was measured on a TPU here.
 TPU_V4 = Hardware(
     name="tpu-v4", flops_bf16=275e12, flops_int8=275e12, hbm_bandwidth=1.2e12, hbm_bytes=32 * GiB,
     link=Link(270e9, 1e-6), combine="min",
@@ -96,18 +101,25 @@ TPU_V4_TORUS = replace(TPU_V4, name="tpu-v4-torus", link=Link(90e9, 1e-6), combi
 # NVSwitch: 900 GB/s bidirectional per GPU = 450 GB/s each way, to any peer
 # in the 8-GPU node (combine "min"). Between nodes: one 400 Gb/s NDR
 # InfiniBand NIC per GPU = 50 GB/s. Latencies are assumed (2 us NVLink step,
-# 5 us InfiniBand step).
+# 5 us InfiniBand step). Kernel cost (kernel_s): the H200's measured 1.9 us
+# (below), not measured on an H100 (same Hopper chip, driver and XLA path).
+# convert_kernel: XLA on GPU casts an int8 weight to bf16 in a kernel of its
+# own before the GEMM (H200 HLO, benchmarks/results/convert-h200-20261202.json).
 H100 = Hardware(
     name="h100", flops_bf16=989e12, flops_int8=1979e12, hbm_bandwidth=3.35e12, hbm_bytes=80e9,
-    link=Link(450e9, 2e-6), combine="min", node_size=8, inter_node=Link(50e9, 5e-6),
-    source="NVIDIA H100 SXM datasheet (dense); scaling book GPU chapter")
+    link=Link(450e9, 2e-6), combine="min", node_size=8, inter_node=Link(50e9, 5e-6), kernel_s=1.9e-6,
+    convert_kernel=True,
+    source="NVIDIA H100 SXM datasheet (dense); scaling book GPU chapter; kernel_s: the H200's")
 # H200: measured on one NVIDIA H200 (device tool, JAX 0.11.2, 2026-12-02) by
 # benchmarks/calibrate.py, file benchmarks/results/hardware-h200.toml: bf16
 # 8192^3 products on random data 722 TFLOP/s (datasheet 989), int8 1068 TOP/s
 # (datasheet 1979), HBM 3.69 TB/s as a 4 GiB device-to-device copy (datasheet
 # 4.8). Capacity and NVLink are the datasheet's (links not measured: one GPU).
+# kernel_s: 1.90 us a kernel, the slope of a chain of 64 vs 512 tiny dependent
+# products in one program (benchmarks/calibrate.py kernel_overhead, same
+# device and day: benchmarks/results/kernels-h200-20261202-0747.json).
 H200 = replace(H100, name="h200", flops_bf16=722.5e12, flops_int8=1068.4e12, hbm_bandwidth=3.69e12,
-               hbm_bytes=141e9,
+               hbm_bytes=141e9, kernel_s=1.9e-6,
                source="measured: benchmarks/results/hardware-h200.toml (benchmarks/calibrate.py); "
                       "capacity and links: NVIDIA H200 SXM datasheet")
 # A CPU "mesh" of simulated devices for tests: made-up, round numbers.
@@ -118,7 +130,8 @@ CPU = Hardware(
 PRESETS = {h.name: h for h in (TPU_V4, TPU_V4_TORUS, H100, H200, CPU)}
 
 _NUMBERS = ("flops_bf16", "flops_int8", "hbm_bandwidth", "hbm_bytes")
-_KNOWN = set(_NUMBERS) | {"name", "base", "link", "combine", "node_size", "inter_node", "axes"}
+_KNOWN = set(_NUMBERS) | {"name", "base", "link", "combine", "node_size", "inter_node", "axes", "kernel_s",
+                          "convert_kernel"}
 
 
 def load_hardware(spec) -> Hardware:
@@ -200,6 +213,12 @@ def hardware_from_dict(data: dict, where: str = "hardware") -> Hardware:
         if isinstance(ns, bool) or not isinstance(ns, int) or ns < 0:
             raise EinpartError(f"{where}: field 'node_size' must be a non-negative integer, got {ns!r}")
         kw["node_size"] = ns
+    if "kernel_s" in data:
+        kw["kernel_s"] = _num(where, "kernel_s", data["kernel_s"], positive=False)
+    if "convert_kernel" in data:
+        if not isinstance(data["convert_kernel"], bool):
+            raise EinpartError(f"{where}: field 'convert_kernel' must be true or false, got {data['convert_kernel']!r}")
+        kw["convert_kernel"] = data["convert_kernel"]
     if "inter_node" in data:
         kw["inter_node"] = _link(where, "inter_node", data["inter_node"], base.inter_node if base else None)
     if "axes" in data:

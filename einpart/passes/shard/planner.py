@@ -47,6 +47,7 @@ from ...ir.shapes import DTYPE_BYTES
 from . import ilp, polish
 from .cost import (FORBIDDEN, Pricer, StmtStrategy, enumerate_layouts, layout_key, local_bytes,
                    ReshardTable, stmt_strategies)
+from .fusion import lowering
 from .hardware import Hardware
 from .phases import Phase
 from .report import live_interval, peak_of, schedule, step_reads
@@ -183,6 +184,7 @@ class Builder:
         self.used_fix: set = set()
         self.prepared = param_only(graph)
         self.step_read = step_reads(graph, self.prepared)
+        self.fused = lowering(graph, hw)
         self.prep_prod: dict[str, int] = {}
         self.pairs = 0
 
@@ -205,7 +207,9 @@ class Builder:
 
     def link(self, prod: int, cons: int, wants: list, nbytes: float, scale: float, equal: bool):
         """Edge prod -> cons: consumer choice c needs the value laid out as wants[c]
-        (a tensor of nbytes in all); equal: only the same layout is allowed."""
+        (a tensor of nbytes in all); equal: only the same layout is allowed. A fused
+        map's producer pays its materialize_s on every pair of choices whose reshard
+        runs a collective (fusion.py: a collective reads a written buffer)."""
         P = self.nodes[prod]
         tab = self.table
         want_u, want_ix = _unique([tab.id(w) for w in wants])
@@ -231,7 +235,13 @@ class Builder:
             self.add_edge(prod, cons, np.array(best)[:, want_ix])
             return
         src_u, src_ix = _unique([tab.id(lt) for lt in P.layouts])
-        self.add_edge(prod, cons, rows(src_u)[np.ix_(src_ix, want_ix)])
+        m = rows(src_u)[np.ix_(src_ix, want_ix)]
+        if P.kind == "stmt" and P.tensor in self.fused and not equal:
+            a, b = tab.coeffs(src_u, want_u)
+            moved = ((a > 0) | (b > 0))[np.ix_(src_ix, want_ix)]
+            extra = np.array([P.strategies[si].materialize_s for si, _ in P.choices]) * scale
+            m = m + np.where(moved, extra[:, None], 0.0)
+        self.add_edge(prod, cons, m)
 
     # -- nodes -------------------------------------------------------------
     def decls(self):
@@ -372,7 +382,8 @@ class Builder:
         """Legal strategies of s at ph's sizes (in every size map), narrowed by a fixed split
         or a rule on the split (forced.SplitRule); phase: the name a fix may carry ('' = ph's,
         None = no phase: weight preparation)."""
-        sts = stmt_strategies(s, self.types, size_maps or [ph.idx], self.pricer, self.hw, ph.idx, self.forbid)
+        sts = stmt_strategies(s, self.types, size_maps or [ph.idx], self.pricer, self.hw, ph.idx, self.forbid,
+                              self.fused)
         want = self._fixed(ph.name if phase == "" else phase, s.name)
         if want is not None and hasattr(want, "allows"):   # a rule on the split (forced.SplitRule)
             sts = [st for st in sts if want.allows(st.split)]

@@ -15,13 +15,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ...errors import EinpartError
 from ...ir import graph as g
 from ...ir import layout as lay
 from ...ir.analysis import param_only
 from ...ir.shapes import DTYPE_BYTES, decl_shapes
 from ...ir.verify import index_sizes, resolve_sizes
-from .cost import (Pricer, compute_time, is_contraction, local_bytes, price_moves, reduce_time,
-                   stmt_flops)
+from .cost import (Pricer, compute_time, is_contraction, local_bytes, materialize_time, price_moves,
+                   reduce_time, stmt_flops, stmt_kernels)
+from .fusion import lowering
 from .hardware import Hardware, load_hardware
 
 
@@ -37,11 +39,13 @@ class StmtCost:
     flops: float
     count: int                   # executions per step (the layer count inside a repeat)
     in_repeat: bool = False
+    launch_s: float = 0.0        # kernels launched x hardware kernel_s (cost.stmt_kernels)
+    fusion_s: float = 0.0        # fused maps this statement reads through a collective, written after all
 
     @property
     def time_s(self) -> float:
-        """One execution: roofline plus collectives (no overlap assumed)."""
-        return max(self.compute_s, self.memory_s) + self.comm_s
+        """One execution: roofline, kernel launches, collectives (no overlap assumed)."""
+        return max(self.compute_s, self.memory_s) + self.launch_s + self.fusion_s + self.comm_s
 
 
 @dataclass
@@ -80,6 +84,14 @@ class PhaseReport:
         return sum(s.comm_s * s.count for s in self.stmts)
 
     @property
+    def launch_s(self) -> float:
+        return sum(s.launch_s * s.count for s in self.stmts)
+
+    @property
+    def fusion_s(self) -> float:
+        return sum(s.fusion_s * s.count for s in self.stmts)
+
+    @property
     def mfu(self) -> float:
         t = self.step_s
         return self.model_flops / (t * self.devices * self.peak_flops) if t > 0 else 0.0
@@ -95,7 +107,7 @@ class PhaseReport:
         return {
             "phase": self.phase, "devices": self.devices, "hardware": self.hardware,
             "step_s": self.step_s, "compute_s": self.compute_s, "memory_s": self.memory_s,
-            "comm_s": self.comm_s, "mfu": self.mfu, "prepare_s": self.prepare_s,
+            "comm_s": self.comm_s, "launch_s": self.launch_s, "fusion_s": self.fusion_s, "mfu": self.mfu, "prepare_s": self.prepare_s,
             "prepared": [s.name for s in self.prepared],
             "memory_per_device": {"weights": self.weights_bytes, "kv_cache": self.kv_bytes,
                                   "inputs": self.input_bytes, "activations": self.activation_bytes,
@@ -104,23 +116,30 @@ class PhaseReport:
                 "name": s.name, "count": s.count, "split": {k: list(v) for k, v in s.split.items()},
                 "layout": {k: list(v) for k, v in s.layout.items() if v},
                 "collectives": [{"op": d, "s": t} for d, t in s.collectives],
-                "compute_s": s.compute_s, "memory_s": s.memory_s, "comm_s": s.comm_s, "time_s": s.time_s,
+                "compute_s": s.compute_s, "memory_s": s.memory_s, "comm_s": s.comm_s,
+                "launch_s": s.launch_s, "fusion_s": s.fusion_s, "time_s": s.time_s,
             } for s in self.stmts],
         }
 
 
 def stmt_cost(s: g.Statement, types: dict, sizes: dict, pricer: Pricer, hw: Hardware,
-              count: int, in_repeat: bool, group: lay.Group | None = None) -> StmtCost:
+              count: int, in_repeat: bool, group: lay.Group | None = None, fused=None,
+              producers: dict | None = None) -> StmtCost:
     """Cost of one non-repeat statement under its `split` attribute and declared layout;
-    `group`: the merged collective its reduction runs in (its last member pays the latency)."""
+    `group`: the merged collective its reduction runs in (its last member pays the latency);
+    fused: fusion.fused_maps of the graph; producers: statements by name (a fused map read
+    through a collective is written after all: fusion_s, priced as the planner's edge)."""
     split = lay.stmt_split(s)
     comm = lay.plan_stmt(s, types, split)
     out = s.type.indices
     parts = []
+    fusion_s = 0.0
     for ref, moves in comm.operands:
         item = DTYPE_BYTES[types[ref.name].dtype]
         _, p = price_moves(moves, lay.ref_layout(ref, types[ref.name]), ref.indices, sizes, pricer, item)
         parts += [(f"{c.describe()} on {ref.name}", t) for c, t in p]
+        if fused and ref.name in fused and any(c.kind != "slice" for c in moves):
+            fusion_s += materialize_time(producers[ref.name], types, sizes, hw, pricer.size, fused)
     res_b = DTYPE_BYTES[s.type.dtype]
     natural = {i: tuple(split.get(i, ())) for i in out}
     if group is None:
@@ -132,11 +151,12 @@ def stmt_cost(s: g.Statement, types: dict, sizes: dict, pricer: Pricer, hw: Hard
         parts += [(group.describe(), t) for c, t in p]
     _, p = price_moves(comm.result, dict(comm.natural), out, sizes, pricer, res_b)
     parts += [(f"{c.describe()} on result", t) for c, t in p]
-    _, flops, nbytes, _ = compute_time(s, types, sizes, split, hw, pricer.size)
+    _, flops, nbytes, _ = compute_time(s, types, sizes, split, hw, pricer.size, fused)
     refs = [types[r.name].dtype for r in lay.stmt_refs(s)]
     peak = hw.flops_int8 if refs and all(d == "i8" for d in refs) else hw.flops_bf16
     return StmtCost(s.name, split, lay.type_layout(s.type), parts, flops / peak, nbytes / hw.hbm_bandwidth,
-                    sum(t for _, t in parts), flops, count, in_repeat)
+                    sum(t for _, t in parts), flops, count, in_repeat,
+                    stmt_kernels(s, fused) * hw.kernel_s, fusion_s)
 
 
 def _carry_cost(s: g.Statement, types, sizes, pricer, src_name: str) -> list:
@@ -237,11 +257,38 @@ def activation_peak(graph: g.Graph, idx: dict, mesh_size: dict, skip=frozenset()
                    for s, _ in graph.all_stmts() if s.name not in skip)
 
 
+LAYER_MODES = ("unroll", "scan")
+
+
+def scan_copies(s: g.Statement, idx: dict, pricer: Pricer, hw: Hardware, read: set, count: int,
+                converted=frozenset()) -> list:
+    """What lax.scan adds per layer (codegen layers="scan"): XLA copies each layer's
+    slice of every stacked weight out of the stack before the products read it (the
+    dynamic-slice fusions of the H200 HLO: bf16[1, 4096, 14336] per layer), a read and
+    a write of its bytes and a kernel each; StmtCost rows named '<weight>@scan'. Only
+    weights a product reads: elementwise readers (norm gains, int8 scales) fuse the
+    slice. A weight a product converts (fusion.weight_converts) is copied by that convert."""
+    gemm = {r.name for st in s.op.body.stmts if is_contraction(st) for r in lay.stmt_refs(st)}
+    out = []
+    for d in s.op.body.decls:
+        if d.kind != "param" or d.name not in read or d.name not in gemm or d.name in converted:
+            continue
+        nbytes = local_bytes(d.type.indices, idx, lay.type_layout(d.type), pricer.size, DTYPE_BYTES[d.type.dtype])
+        out.append(StmtCost(f"{d.name}@scan", {}, lay.type_layout(d.type), [], 0.0,
+                            2 * nbytes / hw.hbm_bandwidth, 0.0, 0.0, count, True, hw.kernel_s))
+    return out
+
+
 def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = None,
-                merge: bool = True) -> PhaseReport:
+                merge: bool = True, layers: str = "unroll") -> PhaseReport:
     """Price a single-phase annotated graph (graph.mesh, splits, layouts) on `hardware`;
     merge: reductions run as codegen emits them, merged (layout.collective_groups);
-    False prices each alone, as the strategy graph does."""
+    False prices each alone, as the strategy graph does. layers: the layer loop as
+    codegen emits it; "scan" adds the per-layer weight copies (scan_copies). The
+    planner's objective prices "unroll" (the layouts' costs; the copies scale with
+    the weight bytes a layout holds, as the reads do)."""
+    if layers not in LAYER_MODES:
+        raise EinpartError(f"price_graph: layers must be one of {', '.join(LAYER_MODES)}, got {layers!r}")
     hw = load_hardware(hardware)
     mesh = graph.mesh or (("x", 1),)
     pricer = Pricer(hw, mesh)
@@ -251,8 +298,8 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
     rep = PhaseReport(phase, math.prod(n for _, n in mesh), hw.name, peak_flops=hw.flops_bf16)
     prepared = param_only(graph)
     read = step_reads(graph, prepared)
-
-    prepared = param_only(graph)
+    fused = lowering(graph, hw)
+    producers = {s.name: s for s, _ in graph.all_stmts()}
 
     def walk(block: g.Block, count: int, in_repeat: bool):
         comms = {s.name: lay.plan_stmt(s, types, lay.stmt_split(s)) for s in block.stmts
@@ -271,9 +318,13 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
                     if parts:
                         rep.stmts.append(StmtCost(s.name, {}, lay.type_layout(s.type), parts, 0.0, 0.0,
                                                   sum(t for _, t in parts), 0.0, n, inside))
+                if layers == "scan":
+                    converted = {w for c in fused.converts.values() for w in c}
+                    rep.stmts += scan_copies(s, idx, pricer, hw, read, count * idx[s.op.index], converted)
                 walk(s.op.body, count * idx[s.op.index], True)
                 continue
-            rep.stmts.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat, group_of.get(s.name)))
+            rep.stmts.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat, group_of.get(s.name),
+                                       fused, producers))
             if is_contraction(s):
                 rep.model_flops += stmt_flops(s, idx, {}, pricer.size) * count
 
