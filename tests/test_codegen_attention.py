@@ -237,6 +237,14 @@ def test_cudnn_refuses_float32():
                             "f32 (store them in bf16, e.g. --dtype bf16, or use attention='auto' or 'xla')")
 
 
+def test_cudnn_refuses_cpu():
+    from einpart.runtime import Executable
+    with pytest.raises(EinpartError) as e:
+        Executable(simple_plan(bf16("llama"), {"x": 2}), attention="cudnn")
+    assert str(e.value) == ("attention='cudnn' runs on NVIDIA GPUs only; this mesh is on cpu "
+                            "(use attention='auto', 'xla' or 'einsum')")
+
+
 def test_unknown_attention_mode():
     planned = simple_plan(graph_of("llama"), {"x": 2})
     with pytest.raises(EinpartError) as e:

@@ -105,6 +105,8 @@ class AttentionEmitter:
     def select_attention(self) -> dict[str, tuple[AttentionChain, str]]:
         """member statement name -> (its chain, implementation), for the chains this program fuses."""
         out = {}
+        if self.attention_mode == "einsum" or (self.attention_mode == "auto" and self.platform != "cuda"):
+            return out
         for chain in attention_chains(self.graph):
             impl = self.implementation(chain)
             if impl is not None:

@@ -183,6 +183,8 @@ def _match(mx: g.Statement, stmts: dict, readers: dict, sizes, batch_index: str 
             return None
         scale, causal = aff
         masked = sm.name
+        if not math.isfinite(scale):
+            return None
     qk = _contraction(sc)
     if qk is None:
         return None
@@ -289,7 +291,7 @@ def attention_chains(graph: g.Graph) -> list[AttentionChain]:
     try:
         ax = step_axes(graph)
         batch_index, query_index = ax.batch, ax.query
-    except EinpartError:
+    except (EinpartError, IndexError, KeyError):
         batch_index = query_index = None
     sizes = resolve_sizes(graph)
     readers = _readers(graph)

@@ -161,6 +161,9 @@ class Executable:
             simulate_cpu_devices(devices)
         self.mesh_shape = dict(graph.mesh)
         self.mesh = make_mesh(self.mesh_shape, platform=platform)
+        if self.attention == "cudnn" and self.platform_name() != "cuda":
+            raise EinpartError(f"attention='cudnn' runs on NVIDIA GPUs only; this mesh is on "
+                               f"{self.platform_name()} (use attention='auto', 'xla' or 'einsum')")
         # every tensor is checked (and with check_finite, scanned for NaN / Inf) before any is placed
         with progress.current().step("drawing random weights" if weights is None else "loading weights"):
             arrays = load_weights(self.spec_graph, weights, seed, check_finite_values=check_finite)
