@@ -177,6 +177,39 @@ def test_split_head_dim_falls_back_to_einsums():
     assert CALL not in generate_source(chain_split(graph, "k", ("sc", "o")), attention="xla")
 
 
+MEMORY = """
+size B = 2, T = 4, S = 8, D = 16, K = 8, H = 2, V = 32
+index b: B, t: T, s: S, d: D, k: K, h: H, v: V
+input tokens[b, t] : i32
+param embed[v, d]
+param wq[d, h, k]
+param mem_k[s, h, k]
+param mem_v[s, h, k]
+param wo[h, k, d]
+x[b, t, d] = take(embed[v, d], tokens[b, t])
+q[b, t, h, k] = x[b, t, d] * wq[d, h, k]
+sc[b, h, t, s] = q[b, t, h, k] * mem_k[s, h, k]
+mx[b, h, t] = max(sc[b, h, t, s])
+e[b, h, t, s] = exp(sc[b, h, t, s] - mx[b, h, t])
+z[b, h, t] = sum(e[b, h, t, s])
+p[b, h, t, s] = e[b, h, t, s] / z[b, h, t]
+o[b, t, h, k] = p[b, h, t, s] * mem_v[s, h, k]
+attn[b, t, d] = o[b, t, h, k] * wo[h, k, d]
+y[b, t, d] = x[b, t, d] + attn[b, t, d]
+logits[b, t, v] = y[b, t, d] * embed[v, d]
+output logits
+"""
+
+
+def test_unmasked_attention_to_a_memory_without_batch():
+    """Keys shared by the batch (a learned memory), no mask, no scale: b is one more query head."""
+    graph = parse(MEMORY)
+    (chain,) = attention_chains(graph)
+    assert (chain.masked, chain.causal, chain.scale, chain.batch) == (None, False, 1.0, None)
+    assert chain.q_heads == ("b",) and chain.kv_heads == ("h",)
+    check(chain_split(graph, "h", ("sc", "mx", "e", "z", "p", "o")), graph)
+
+
 def test_intermediate_read_elsewhere_still_matches_reference():
     graph = parse(llama_reading("p"))
     check(replicated_plan(graph, {"x": 1}), graph, calls=(0, 0))
