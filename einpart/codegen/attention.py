@@ -127,9 +127,6 @@ class AttentionEmitter:
         w, ns = self.w, self.ns
         split = stmt_split(self.graph.stmt(chain.scores))
         dtype = self.chain_dtype(chain)
-        q = self.moved_operand(chain.scores, chain.query)
-        k = self.moved_operand(chain.scores, chain.key)
-        v = self.moved_operand(chain.weighted if chain.deferred else chain.out, chain.value)
         n = {i: self.chain_local(chain, i) for i in chain.query.indices + (chain.s,)}
         lead = (chain.batch,) if chain.batch else ()
         dims = (chain.t,) + chain.kv_heads + chain.q_heads + (chain.k,)      # the query's, as BTNH groups them
@@ -143,6 +140,9 @@ class AttentionEmitter:
             N *= n[i]
         w(f"# softmax attention {one_line(', '.join(chain.members))}: one fused call (attention={self.attention_mode}); "
           f"local [B, T, N, H] = [{B}, {n[chain.t]}, {N}, {n[chain.k]}], keys [{B}, {n[chain.s]}, {G}, {n[chain.k]}]")
+        q = self.moved_operand(chain.scores, chain.query)
+        k = self.moved_operand(chain.scores, chain.key)
+        v = self.moved_operand(chain.weighted if chain.deferred else chain.out, chain.value)
         names = {}
         for role, val, order, shape in (("q", q, lead + dims, (B, n[chain.t], N, n[chain.k])),
                                         ("k", k, lead + kv_dims, (B, n[chain.s], G, n[chain.k])),
