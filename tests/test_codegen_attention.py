@@ -134,7 +134,12 @@ def check(planned, graph, layers="scan", calls=(1, 1)):
 @pytest.mark.parametrize("name", ["llama", "palm", "gpt2"])
 def test_xla_attention_matches_reference_replicated(name):
     graph = graph_of(name)
-    check(replicated_plan(graph, {"x": 1}), graph)
+    planned = replicated_plan(graph, {"x": 1})
+    check(planned, graph)
+    pre, dec = prefill_and_decode(generate_source(planned, attention="xla"))
+    # prefill (T=8 of S=32 positions, at pos 0): the first 8 keys, causal; decode: keys up to pos
+    assert "[:, :8]" in pre and "is_causal=True" in pre and "mask=" not in pre
+    assert "key_value_seq_lengths=" in dec and "is_causal" not in dec
 
 
 @pytest.mark.parametrize("name", ["llama", "palm"])

@@ -22,7 +22,9 @@ heads per key/value head) (grouped-query: jax takes keys with fewer heads), keys
 values as [B, S, K, H]; `scale` the spec's constant; causal(t, s) (s <= pos + t) as
 key_value_seq_lengths = pos + 1 for one query position (decode), is_causal=True in the
 prefill program when t is not split (prefill runs at pos 0: Executable and Program call
-it so, and there causal(t, s) is s <= t), and an explicit boolean mask otherwise. A
+it so, and there causal(t, s) is s <= t; the call then reads only the first T keys, so
+T = S and top-left or bottom-right alignment of the causal mask cannot differ), and an
+explicit boolean mask otherwise. A
 mixin of StepProgram (program.py).
 """
 from __future__ import annotations
@@ -164,6 +166,9 @@ class AttentionEmitter:
                 mask_args = f", key_value_seq_lengths={kv_len}"
             elif off is None and self.name == "prefill":
                 w(f"# causal({chain.t}, {chain.s}) is s <= pos + t; prefill runs at pos 0, where it is s <= t")
+                if n_t < n[chain.s]:    # only the first T keys are seen: T = S for the call (no alignment question)
+                    w(f"{names['k']}, {names['v']} = {names['k']}[:, :{n_t}], {names['v']}[:, :{n_t}]"
+                      f"  # the keys s < T")
                 mask_args = ", is_causal=True"
             else:
                 mask = ns.fresh(f"mask_{chain.t}_{chain.s}")
