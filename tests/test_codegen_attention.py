@@ -288,3 +288,25 @@ def test_unknown_attention_mode():
     with pytest.raises(EinpartError) as e:
         generate_source(planned, attention="flash")
     assert str(e.value) == "attention must be one of einsum, xla, cudnn, auto, got 'flash'"
+
+
+def test_compile_option_and_grad_through_the_fused_call():
+    """einpart.compile(attention="xla"): the program holds the call; logits and the gradient of
+    prefill with respect to the weights equal the einsum program's."""
+    import jax
+    import einpart
+    progs = {a: einpart.compile(spec_path("llama"), mesh="2", plan="simple", attention=a) for a in ("xla", "einsum")}
+    assert CALL in progs["xla"].source and CALL not in progs["einsum"].source
+    tokens = np.random.default_rng(3).integers(0, 256, (2, 8)).astype(np.int32)
+    weights = progs["einsum"].weights()
+
+    def loss(program):
+        return lambda w: jax.numpy.sum(jax.numpy.sin(program.prefill(tokens, params=w)[0]))
+    got, want = (jax.jit(jax.value_and_grad(loss(progs[a])))(weights) for a in ("xla", "einsum"))
+    assert_close(got[0], want[0], "loss")
+    for name in want[1]:
+        g, w = np.asarray(got[1][name]), np.asarray(want[1][name])
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(float(np.abs(w).max()), 1e-6), err_msg=name)
+    assert float(np.abs(np.asarray(got[1]["wq"])).max()) > 0      # the gradient reaches the query weights
+    with pytest.raises(EinpartError, match="attention must be one of einsum, xla, cudnn, auto, got 'fused'"):
+        einpart.compile(spec_path("llama"), mesh="2", plan="simple", attention="fused")
