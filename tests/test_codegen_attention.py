@@ -310,3 +310,41 @@ def test_compile_option_and_grad_through_the_fused_call():
     assert float(np.abs(np.asarray(got[1]["wq"])).max()) > 0      # the gradient reaches the query weights
     with pytest.raises(EinpartError, match="attention must be one of einsum, xla, cudnn, auto, got 'fused'"):
         einpart.compile(spec_path("llama"), mesh="2", plan="simple", attention="fused")
+
+
+def split_chain_plan(graph, mesh, split):
+    """Every statement of the chain split as `split` (index -> mesh axes), everything else replicated."""
+    (chain,) = attention_chains(graph)
+    return set_plan(graph, mesh, splits={m: dict(split) for m in chain.members})
+
+
+@pytest.mark.parametrize("name,pipeline,mesh,split", [
+    ("llama", None, {"x": 2, "y": 2}, {"b": ("x",), "g": ("y",)}),
+    ("llama", None, {"x": 2, "y": 2}, {"r": ("y",)}),
+    ("palm", None, {"x": 2, "y": 4}, {"h": ("x",), "t": ("y",)}),
+    ("gpt2", "defer-norm", {"x": 2, "y": 4}, {"t": ("x", "y")})])
+def test_xla_attention_under_chain_splits(name, pipeline, mesh, split):
+    """Batch, key/value heads, query heads and query positions split (t over two axes): each
+    device's call sees its own heads and positions (offsets in the mask)."""
+    graph = graph_of(name, pipeline)
+    check(split_chain_plan(graph, mesh, split), graph)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "palm", "gpt2"])
+@pytest.mark.parametrize("pipeline", [None, "defer-norm"])
+def test_xla_attention_under_random_chain_splits(name, pipeline):
+    import random
+    graph = graph_of(name, pipeline)
+    (chain,) = attention_chains(graph)
+    idx = index_sizes(graph)
+    roles = [i for i in (chain.batch, chain.t) + chain.kv_heads + chain.q_heads if i]
+    rng = random.Random(f"{name}-{pipeline}")
+    for mesh in ({"x": 2, "y": 2}, {"x": 2, "y": 4}):
+        for _ in range(3):
+            split: dict = {}
+            for axis, size in mesh.items():
+                i = rng.choice(roles + [None])
+                if i and idx[i] % (size * int(np.prod([mesh[a] for a in split.get(i, ())]))) == 0:
+                    split[i] = split.get(i, ()) + (axis,)
+            check(split_chain_plan(graph, mesh, split), graph)
