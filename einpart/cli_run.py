@@ -251,12 +251,12 @@ def _plan_args(p) -> None:
     p.add_argument("--hardware", default="cpu", metavar="H", help="hardware preset for --plan shard")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompt and random plans")
     p.add_argument("--layers", default="scan", choices=("scan", "unroll"), help="lower layers to lax.scan or unroll")
-    p.add_argument("--attention", default="auto", choices=("einsum", "xla", "cudnn", "auto"),
-                   help="softmax attention as einsums or one jax.nn.dot_product_attention (auto: cudnn for bf16 "
-                        "prefill on an NVIDIA GPU, else einsum; compile has no GPU, so auto is einsum there)")
     p.add_argument("--pipeline", metavar="P", help="passes to run before planning, e.g. 'defer-norm,cast{dtype=bf16}'")
     p.add_argument("--int8", action="store_true", help="int8 weights (adds the int8 pass last before planning)")
     p.add_argument("--kv-groups", type=int, metavar="G", help="pool K/V heads into G groups (adds multiquery{groups=G} first)")
+    p.add_argument("--attention", default="auto", choices=("einsum", "xla", "cudnn", "auto"),
+                   help="softmax attention as einsums or one jax.nn.dot_product_attention (auto: cudnn for bf16 "
+                        "prefill on an NVIDIA GPU, else einsum; compile has no GPU, so auto is einsum there)")
 
 
 def register(sub) -> None:
