@@ -13,6 +13,9 @@ XLA for prefill and decode). Writes JSON with device, versions and command.
 
     python benchmarks/decode.py --preset 8b --batches 1,64 --context 2048 \\
         --prefill 8x2048 --layers scan,unroll --hardware h200 --out benchmarks/results
+
+--attention einsum,cudnn runs each variant once per attention lowering (codegen/attention.py:
+einsum, xla, cudnn, auto); rows of a mode other than einsum are named with it (einpart-scan-cudnn).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import argparse
 import gzip
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -61,6 +65,15 @@ def random_weights(expected: dict, dtype, seed: int = 0) -> dict:
     return out
 
 
+def attention_used(source: str, program: str) -> str:
+    """How a generated program computes attention: the fused calls' implementations, else einsum."""
+    start = source.index(f"\ndef {program}(")
+    end = source.find("\n\n\ndef ", start + 1)
+    body = source[start:end if end >= 0 else None]
+    impls = sorted(set(re.findall(r"implementation='(\w+)'", body)))
+    return ",".join(impls) or "einsum"
+
+
 def dump(path: Path | None, name: str, compiled) -> None:
     """The optimised HLO of a compiled program, gzipped (for diffing einpart against plain JAX)."""
     if path is None:
@@ -78,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--prefill", default="8x2048", help="BxP, or 'none'")
     ap.add_argument("--layers", default="scan,unroll")
+    ap.add_argument("--attention", default="einsum", help="attention lowerings, e.g. einsum,cudnn")
     ap.add_argument("--baseline", default="unroll,scan")
     ap.add_argument("--int8", default="", help="layer modes to run again with the int8 pass (weights int8)")
     ap.add_argument("--hardware", default="h200", help="preset or file the predicted times are priced on")
@@ -155,12 +169,15 @@ def main(argv=None) -> int:
     def prefill_flops(b, p):
         return 2 * n_matmul * b * p + 4 * L * b * p * p * H * K
 
-    variants = [(m, False) for m in args.layers.split(",") if m] + [(m, True) for m in args.int8.split(",") if m]
-    for layers, int8 in variants:
-        name = f"{args.label}{'-int8' if int8 else ''}-{layers}"
+    modes = [a for a in args.attention.split(",") if a]
+    variants = [(m, False, a) for m in args.layers.split(",") if m for a in modes] + [
+        (m, True, a) for m in args.int8.split(",") if m for a in modes]
+    for layers, int8, attention in variants:
+        name = f"{args.label}{'-int8' if int8 else ''}-{layers}" + ("" if attention == "einsum" else f"-{attention}")
         start = time.perf_counter()
         g8 = build_graph(int8)
-        ex = Executable(g8, {"x": 1}, layers=layers, weights=weights, compile=False, prefill_len=prefill_p or 1)
+        ex = Executable(g8, {"x": 1}, layers=layers, weights=weights, compile=False, prefill_len=prefill_p or 1,
+                        attention=attention)
         jax.block_until_ready(ex.params)
         build_s = time.perf_counter() - start
         step_weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in ex.params.values())
@@ -186,11 +203,13 @@ def main(argv=None) -> int:
             floor = (step_weight_bytes + kv_bytes(b)) / hbm
             rows.append({"impl": name, "phase": "decode", "batch": b, "ms": t * 1e3, "floor_ms": floor * 1e3,
                          "predicted_ms": predicted * 1e3, "compile_s": compile_s, "build_s": build_s,
-                         "step_weight_bytes": step_weight_bytes})
+                         "step_weight_bytes": step_weight_bytes,
+                         "attention": attention_used(ex.source(b, ex.prefill_len), "decode")})
             if b == batches[0]:
                 ready["decode_s"] = compile_s
             print(f"{name:22s} decode b={b:<3d} {t * 1e3:8.2f} ms  floor {floor * 1e3:.2f} ms  predicted "
-                  f"{predicted * 1e3:.2f} ms (compile {compile_s:.1f} s)", flush=True)
+                  f"{predicted * 1e3:.2f} ms (compile {compile_s:.1f} s; attention {rows[-1]['attention']})",
+                  flush=True)
             del holder
         if prefill_b:
             start = time.perf_counter()
@@ -212,9 +231,11 @@ def main(argv=None) -> int:
             flops = prefill_flops(prefill_b, prefill_p)
             rows.append({"impl": name, "phase": "prefill", "batch": prefill_b, "tokens": prefill_p,
                          "ms": t * 1e3, "mfu": flops / t / peak, "floor_ms": flops / peak * 1e3,
-                         "predicted_ms": predicted * 1e3, "compile_s": compile_s})
+                         "predicted_ms": predicted * 1e3, "compile_s": compile_s,
+                         "attention": attention_used(ex.source(prefill_b, prefill_p), "prefill")})
             print(f"{name:22s} prefill {prefill_b}x{prefill_p} {t * 1e3:8.1f} ms  {100 * flops / t / peak:.1f}% "
-                  f"of measured peak  predicted {predicted * 1e3:.1f} ms (compile {compile_s:.1f} s)", flush=True)
+                  f"of measured peak  predicted {predicted * 1e3:.1f} ms (compile {compile_s:.1f} s; attention "
+                  f"{rows[-1]['attention']})", flush=True)
             del holder
         ready["total_s"] = sum(ready.values())
         results.setdefault("spec_to_ready_s", {})[name] = ready

@@ -69,7 +69,7 @@ def _plan_pass(kind: str, mesh: dict, hardware: str, phase: str, batch: int, con
 def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int = 0, prompt: int = 0,
             pipeline=None, sizes: dict | None = None, plan: str = "shard", phase: str = "both", steps: int = 64,
             memory_limit: float | None = 0.0, time_limit: float = 10.0, layers: str = "scan",
-            dtype: str = "f32", weights=None, seed: int = 0, devices: int | None = None,
+            attention: str = "auto", dtype: str = "f32", weights=None, seed: int = 0, devices: int | None = None,
             platform: str | None = None, dump_dir: str | Path | None = None) -> "Program":
     """Parse (or take) a spec, run `pipeline` and the planner, lower it and load it on a mesh.
 
@@ -78,7 +78,8 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
     bytes per device, 0 = the hardware's HBM, None = none) or simple / random / replicated.
     pipeline: passes to run first (text like 'defer-norm,int8' or Pass objects). devices: N
     simulated CPU devices (before JAX starts). weights: None (random from `seed`), a
-    safetensors path, or a dict of arrays. dump_dir: write every pass's IR there.
+    safetensors path, or a dict of arrays. dump_dir: write every pass's IR there. attention: einsum,
+    xla, cudnn or auto (softmax attention as one jax.nn.dot_product_attention; codegen/attention.py).
     """
     from .passes.plans import parse_mesh
     from .passes import parse_pipeline, run_pipeline
@@ -88,6 +89,8 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
     from . import codegen  # noqa: F401  (registers the plan pass)
     if plan not in PLANS:
         raise EinpartError(f"plan must be one of {', '.join(PLANS)}, got '{plan}'")
+    from .codegen.attention import check_attention_mode
+    check_attention_mode(attention)
     mesh = parse_mesh(mesh) if not isinstance(mesh, dict) else {str(k): int(v) for k, v in mesh.items()}
     graph = load_graph(spec, sizes)
     if plan != "shard" and (batch or context or prompt):
@@ -104,7 +107,7 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
         simulate_cpu_devices(devices)
     from .runtime.executable import Executable
     ex = Executable(result.graph, layers=layers, dtype=dtype, seed=seed, weights=weights, platform=platform,
-                    compile=False)
+                    compile=False, attention=attention)
     options = {"hardware": hardware, "phase": phase, "batch": batch, "context": context, "prompt": prompt,
                "steps": steps, "memory_limit": memory_limit} if plan == "shard" else None
     return Program(ex, result.graph, result.records, options, hardware, weights, seed)

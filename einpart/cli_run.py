@@ -104,9 +104,9 @@ def plan_json(graph, layers: str) -> dict:
     return {"mesh": dict(graph.mesh), "layers": layers, "declarations": decls, "programs": programs}
 
 
-def write_compile_outputs(graph, out: Path, records, layers: str) -> Path:
+def write_compile_outputs(graph, out: Path, records, layers: str, attention: str = "einsum") -> Path:
     from .codegen import generate_source
-    source = generate_source(graph, layers)
+    source = generate_source(graph, layers, attention=attention)
     path = out / f"{len(records):02d}-lower.py"
     path.write_text(source)
     (out / "plan.json").write_text(json.dumps(plan_json(graph, layers), indent=1, sort_keys=True) + "\n")
@@ -136,7 +136,7 @@ def cmd_compile(args) -> int:
     graph = load_spec(args)
     out = Path(args.out)
     result = plan_graph(graph, mesh, args.plan, args.seed, _before(args), dump_dir=out, hardware=args.hardware)
-    path = write_compile_outputs(result.graph, out, result.records, args.layers)
+    path = write_compile_outputs(result.graph, out, result.records, args.layers, args.attention)
     for rec in result.records:
         print(f"{rec.name:<40} {rec.seconds * 1000:8.1f} ms  {rec.dump}")
     print(f"{'lower':<40} {'':>11}  {path}")
@@ -183,7 +183,8 @@ def cmd_run(args) -> int:
     from .runtime.weights import load_weights
     start = time.perf_counter()
     ex = Executable(planned, layers=args.layers, dtype=args.dtype, seed=args.seed, weights=args.weights,
-                    prefill_len=args.prompt_len, platform=args.platform, check_finite=args.check_weights)
+                    prefill_len=args.prompt_len, platform=args.platform, check_finite=args.check_weights,
+                    attention=args.attention)
     build_s = time.perf_counter() - start
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(0, ex.vocab, (ex.batch, args.prompt_len), dtype=np.int32)
@@ -255,6 +256,9 @@ def _plan_args(p) -> None:
     p.add_argument("--pipeline", metavar="P", help="passes to run before planning, e.g. 'defer-norm,cast{dtype=bf16}'")
     p.add_argument("--int8", action="store_true", help="int8 weights (adds the int8 pass last before planning)")
     p.add_argument("--kv-groups", type=int, metavar="G", help="pool K/V heads into G groups (adds multiquery{groups=G} first)")
+    p.add_argument("--attention", default="auto", choices=("einsum", "xla", "cudnn", "auto"),
+                   help="softmax attention as einsums or one jax.nn.dot_product_attention (auto: cudnn for bf16 "
+                        "prefill on an NVIDIA GPU, else einsum; compile has no GPU, so auto is einsum there)")
 
 
 def register(sub) -> None:

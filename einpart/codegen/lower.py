@@ -38,13 +38,14 @@ from ..ir.layout import type_layout
 from ..ir.model import step_axes
 from ..ir.verify import index_sizes, resolve_sizes
 from .code import spec_code, tuple_code
+from .attention import ATTENTION_MODES, check_attention_mode
 from .collectives import PMAX_HELPER
 from .names import check_identifier, docstring_text, literal, number
 from ..passes.plans import specialize
 from .prepare import PrepareProgram, split_prepare
 from .program import StepProgram
 
-__all__ = ["LAYER_MODES", "generate_source", "program_graphs", "split_prepare"]
+__all__ = ["ATTENTION_MODES", "LAYER_MODES", "generate_source", "program_graphs", "split_prepare"]
 
 LAYER_MODES = ("scan", "unroll", "auto")
 
@@ -94,8 +95,11 @@ def program_graphs(graph: g.Graph, prefill_len: int | None = None, batch: int | 
 
 
 def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | None = None,
-                    batch: int | None = None) -> str:
-    """The generated module's text for a planned graph (graph.mesh set, layouts and splits in the IR)."""
+                    batch: int | None = None, attention: str = "einsum", platform: str | None = None) -> str:
+    """The generated module's text for a planned graph (graph.mesh set, layouts and splits in the IR).
+    attention: einsum | xla | cudnn | auto (codegen/attention.py); `platform` ('cuda' for an NVIDIA
+    GPU) is what auto decides by."""
+    check_attention_mode(attention)
     if layers not in LAYER_MODES:
         raise EinpartError(f"layers must be one of {', '.join(LAYER_MODES)}, got '{layers}'")
     if not graph.mesh:
@@ -122,7 +126,8 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
     lines = [
         f'"""einpart: {docstring_text(graph.source.replace(chr(92), "/").split("/")[-1])} lowered to jax.shard_map.',
         "",
-        f"mesh {', '.join(f'{n}={v}' for n, v in graph.mesh)}; layers={layers}; sizes "
+        f"mesh {', '.join(f'{n}={v}' for n, v in graph.mesh)}; layers={layers}; "
+        + ("" if attention == "einsum" else f"attention={attention}; ") + "sizes "
         + ", ".join(f"{k}={v}" for k, v in resolve_sizes(progs["prefill"]).items())
         + "; decode: one query position.",
         "Generated code: do not edit. Every collective is one that",
@@ -169,7 +174,7 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
                                                          for n, v in items.items()) + "},")
         lines.append("}")
     emitters = [PrepareProgram(full["prefill"], prepared, program_layers(layers, "prepare"))] + [
-        StepProgram(pg, p, program_layers(layers, p), given) for p, pg in progs.items()]
+        StepProgram(pg, p, program_layers(layers, p), given, attention, platform) for p, pg in progs.items()]
     bodies = [e.emit() for e in emitters]
     if any(e.uses_pmax for e in emitters):
         lines[lines.index("import jax")] = "import functools\n\nimport jax"

@@ -13,16 +13,18 @@ from ..ir.model import step_axes
 from ..ir.printer import format_type
 from ..ir.verify import index_sizes, resolve_sizes
 from .code import Val, Writer, one_line, spec_code
+from .attention import AttentionEmitter, check_attention_mode
 from .collectives import CollectiveEmitter
 from .layers import LayerState, LayerEmitter
 from .names import Namespace, literal
 from .statements import StatementEmitter
 
 
-class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter):
+class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter, AttentionEmitter):
     """One generated function: `name(params, state, inputs, pos)` for a single-phase planned graph."""
 
-    def __init__(self, graph: g.Graph, name: str, layers: str, given: dict | None = None):
+    def __init__(self, graph: g.Graph, name: str, layers: str, given: dict | None = None,
+                 attention: str = "einsum", platform: str | None = None):
         self.graph = graph
         # weights passed in another layout than this program declares (a two-phase plan
         # whose phases lay a prepared weight out differently): moved when loaded
@@ -55,6 +57,10 @@ class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter):
             self.ns.tensor(s.name)
             if isinstance(s.op, g.Repeat):
                 self.ns.tensor(s.op.carry)
+        # softmax-attention chains computed by one fused call (attention.py): member -> (chain, implementation)
+        self.attention_mode = check_attention_mode(attention)
+        self.platform = platform
+        self.fused = self.select_attention()
 
     def load(self, d: g.Decl, var: str) -> Val:
         """A declared tensor as this program reads it (moved if it is given in another layout)."""

@@ -62,6 +62,11 @@ class StatementEmitter:
         self.w(f"# {one_line(head + format_attrs(tuple((k, v) for k, v in s.attrs if k == 'split')))}")
         if isinstance(op, g.Repeat):
             return self.repeat(s, op)
+        if s.name in self.fused:            # a softmax-attention chain, as one call (attention.py)
+            chain, impl = self.fused[s.name]
+            if s.name == chain.out:
+                return self.attention(s, chain, impl)
+            return self.w(f"# (in the fused attention call of {one_line(chain.out)} below)")
         split = stmt_split(s)
         comm = plan_stmt(s, self.types, split)
         if isinstance(op, g.Compute):

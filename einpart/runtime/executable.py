@@ -35,6 +35,7 @@ from ..ir.layout import parts, stmt_split
 from ..ir.model import step_axes
 from ..ir.shapes import decl_shapes
 from ..ir.verify import index_sizes, resolve_sizes, verify
+from ..codegen.attention import check_attention_mode
 from ..codegen.lower import LAYER_MODES, generate_source, program_graphs, split_prepare
 from ..passes.plans import parse_mesh, simple_plan
 from .. import progress
@@ -107,7 +108,7 @@ class Executable:
     def __init__(self, graph: g.Graph, mesh=None, *, layers: str = "scan", dtype: str = "f32", seed: int = 0,
                  weights=None, devices: int | None = None, prefill_len: int | None = None,
                  source_dir: str | Path | None = None, plan=simple_plan, compile: bool = True,
-                 platform: str | None = None, check_finite: bool = False):
+                 platform: str | None = None, check_finite: bool = False, attention: str = "auto"):
         if layers not in LAYER_MODES:
             raise EinpartError(f"layers must be one of {', '.join(LAYER_MODES)}, got '{layers}'")
         if dtype not in STORAGE_DTYPES:
@@ -124,6 +125,7 @@ class Executable:
             graph = verify(Cast(dtype=dtype).apply(graph))
         self.graph = graph
         self.layers = layers
+        self.attention = check_attention_mode(attention)   # codegen/attention.py: einsum | xla | cudnn | auto
         self.dtype = dtype
         self.source_dir = source_dir
         self.axes = step_axes(graph)
@@ -159,6 +161,9 @@ class Executable:
             simulate_cpu_devices(devices)
         self.mesh_shape = dict(graph.mesh)
         self.mesh = make_mesh(self.mesh_shape, platform=platform)
+        if self.attention == "cudnn" and self.platform_name() != "cuda":
+            raise EinpartError(f"attention='cudnn' runs on NVIDIA GPUs only; this mesh is on "
+                               f"{self.platform_name()} (use attention='auto', 'xla' or 'einsum')")
         # every tensor is checked (and with check_finite, scanned for NaN / Inf) before any is placed
         with progress.current().step("drawing random weights" if weights is None else "loading weights"):
             arrays = load_weights(self.spec_graph, weights, seed, check_finite_values=check_finite)
@@ -189,7 +194,13 @@ class Executable:
 
     def source(self, batch: int | None = None, T: int | None = None) -> str:
         return generate_source(self.graph, self.layers, prefill_len=T or self.prefill_len,
-                               batch=batch or self.batch)
+                               batch=batch or self.batch, attention=self.attention, platform=self.platform_name())
+
+    def platform_name(self) -> str:
+        """The mesh's platform as codegen's attention='auto' reads it: 'cuda' for NVIDIA GPUs."""
+        dev = self.mesh.devices.flat[0]
+        version = str(getattr(dev.client, "platform_version", "")).lower()
+        return "cuda" if dev.platform == "gpu" and "cuda" in version else dev.platform
 
     def module(self, batch: int, T: int):
         key = (batch, T)
