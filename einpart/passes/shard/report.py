@@ -67,29 +67,16 @@ class PhaseReport:
         """Seconds of weight preparation (once per load, not per step)."""
         return sum(s.time_s * s.count for s in self.prepared)
 
-    @property
-    def step_s(self) -> float:
-        return sum(s.time_s * s.count for s in self.stmts)
+    def _total(self, part: str) -> float:
+        """One part of every statement's time, times how often it runs, summed over the step."""
+        return sum(getattr(s, part) * s.count for s in self.stmts)
 
-    @property
-    def compute_s(self) -> float:
-        return sum(s.compute_s * s.count for s in self.stmts)
-
-    @property
-    def memory_s(self) -> float:
-        return sum(s.memory_s * s.count for s in self.stmts)
-
-    @property
-    def comm_s(self) -> float:
-        return sum(s.comm_s * s.count for s in self.stmts)
-
-    @property
-    def launch_s(self) -> float:
-        return sum(s.launch_s * s.count for s in self.stmts)
-
-    @property
-    def fusion_s(self) -> float:
-        return sum(s.fusion_s * s.count for s in self.stmts)
+    step_s = property(lambda self: self._total("time_s"))
+    compute_s = property(lambda self: self._total("compute_s"))
+    memory_s = property(lambda self: self._total("memory_s"))
+    comm_s = property(lambda self: self._total("comm_s"))
+    launch_s = property(lambda self: self._total("launch_s"))
+    fusion_s = property(lambda self: self._total("fusion_s"))
 
     @property
     def mfu(self) -> float:
