@@ -131,8 +131,9 @@ def main(argv=None) -> int:
     spec_text = spec_path.read_text()
     if args.cache_order:
         order = ", ".join(args.cache_order)
-        for name in ("k_cache", "v_cache", "kc", "vc"):
-            spec_text = spec_text.replace(f"{name}[b, s, g, k]", f"{name}[{order}]")
+        for name in ("k_cache", "v_cache", "kc", "vc"):       # whichever order the spec has
+            for have in ("b, s, g, k", "b, g, s, k"):
+                spec_text = spec_text.replace(f"{name}[{have}]", f"{name}[{order}]")
 
     def build_graph(int8: bool):
         graph = parse(spec_text, str(spec_path), sizes=sizes)
@@ -245,8 +246,8 @@ def main(argv=None) -> int:
 
     params = jax.device_put(weights) if args.baseline else None
     for mode in [x for x in args.baseline.split(",") if x]:
-        bgsk = args.cache_order == "bgsk"
-        fn = jax.jit(make_step(scan=(mode == "scan"), cache_order=args.cache_order or "bsgk"), donate_argnums=(1,))
+        bgsk = args.cache_order != "bsgk"      # the spec's order by default: [b, g, s, k]
+        fn = jax.jit(make_step(scan=(mode == "scan"), cache_order=args.cache_order or "bgsk"), donate_argnums=(1,))
 
         def cache_shape(b):
             return (L, b, G, args.context, K) if bgsk else (L, b, args.context, G, K)
