@@ -59,3 +59,13 @@ if [ "$stage" = 5 ]; then
     --batches 64 --prefill none --layers scan --cache-order bgsk --baseline "" --hardware "$HW" --tag=-run5-dsfusion \
     --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
 fi
+if [ "$stage" = 6 ]; then
+  # layers=unroll with per-layer storage (each layer's weights and cache its own array), bf16 and
+  # int8, against plain JAX unrolled (cache [b, g, s, k] like the spec)
+  HW=benchmarks/results/hardware-h200.toml
+  timeout 270 python3 benchmarks/decode.py --batches 1 --prefill none --layers unroll --int8 unroll \
+    --baseline unroll --cache-order bgsk --hardware "$HW" --dump-hlo /tmp/hlo --tag=-run6-b1 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  timeout 300 python3 benchmarks/decode.py --batches 64 --prefill none --layers unroll --int8 unroll \
+    --baseline unroll --cache-order bgsk --hardware "$HW" --dump-hlo /tmp/hlo --tag=-run6-b64 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  tar -czf "$OUT/hlo.tgz" -C /tmp hlo
+fi

@@ -263,7 +263,8 @@ class Program:
                                f"as program.weights() returns them)")
         raw = {n: params[n] for n in module.PARAM_SPECS}
         prepared = module.programs(self.executable.mesh)["prepare"](raw) if module.PREPARED_SPECS else {}
-        return {n: prepared[n] if n in prepared else raw[n] for n in module.STEP_PARAM_SPECS}
+        return self.executable.unstack(module, {n: prepared[n] if n in prepared else raw[n]
+                                                for n in module.STEP_PARAM_SPECS})
 
     def _logits(self, outs, n: int | None = None):
         import jax.numpy as jnp

@@ -25,6 +25,7 @@ import tokenize  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
@@ -196,7 +197,7 @@ def test_rewritten_specs_match_reference(name, pipeline):
         assert_close(ex.decode(steps[:, i], PROMPT_LEN + i), want, f"{name} {pipeline} decode {i}")
     if "int8" in pipeline:
         assert "wq" not in ex.params and "w_down" not in ex.params        # only the int8 copies reach the steps
-        assert ex.params["w_down_i8"].dtype == np.int8
+        assert all(w.dtype == np.int8 for w in ex.params["w_down_i8"])   # per layer (unrolled)
 
 
 # Every rewrite on every example (multiquery does not apply to palm: it is multiquery already),
@@ -240,7 +241,8 @@ def test_every_rewrite_lowers_and_runs_on_both_meshes(name, mesh, kind):
         want, state = ref.step(steps[:, i:i + 1], PROMPT_LEN + i, state)
         assert_close(ex.decode(steps[:, i], PROMPT_LEN + i), want, f"{name} {mesh} {kind} decode {i}")
     quantised = [n for n in ex.params if n.endswith("_i8")]
-    assert quantised and all(ex.params[n].dtype == np.int8 for n in quantised)
+    assert quantised and all(w.dtype == np.int8 for n in quantised      # per layer when unrolled
+                             for w in jax.tree_util.tree_leaves(ex.params[n]))
     assert "wq" not in ex.params           # only the prepared copies reach the steps
 
 
@@ -517,9 +519,33 @@ def test_cache_written_in_place(layers):
     """The layer loop carries each stacked cache and writes the new rows into it at
     [layer, ..., pos, ...]: no per-layer slice fed to the loop, no restacking."""
     src = _decode_source("cast{dtype=bf16}", layers)
-    assert src.count("lax.dynamic_update_slice(t_k_cache_all") == 1
-    assert src.count("lax.dynamic_update_slice(t_v_cache_all") == 1
-    assert "jnp.stack" not in src and "t_k_cache_all[" not in src
+    assert "jnp.stack" not in src
+    if layers == "unroll":      # per-layer storage: each layer's own buffer, no slice of a stack
+        assert src.count("lax.dynamic_update_slice(t_k_cache_all[i_l], ") == 1
+        assert src.count("lax.dynamic_update_slice(t_v_cache_all[i_l], ") == 1
+        assert "dynamic_index_in_dim" not in src
+    else:
+        assert src.count("lax.dynamic_update_slice(t_k_cache_all, ") == 1
+        assert src.count("lax.dynamic_update_slice(t_v_cache_all, ") == 1
+        assert "t_k_cache_all[" not in src
+
+
+def test_unrolled_layers_store_weights_and_cache_per_layer():
+    """layers="unroll": stacked weights and caches are tuples of per-layer arrays
+    (PER_LAYER); new_state and the loaded weights follow, and steps match the interpreter
+    with a plan that writes the cache in place (simple) and one that reshards it (random)."""
+    from einpart.runtime import Executable
+    graph, params = example("llama")[:2]
+    for planned in (simple_plan(graph, {"x": 2, "y": 4}), random_plan(graph, {"x": 2, "y": 4}, seed=3)):
+        ex = check_plan(planned, "llama", "unroll")
+        module = ex.module(ex.batch, ex.prefill_len)
+        assert module.PER_LAYER == {n: 2 for n in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate",
+                                                    "w_up", "w_down", "k_cache", "v_cache")}
+        cache = ex.new_state()["k_cache"]
+        assert isinstance(cache, tuple) and len(cache) == 2 and cache[0].shape == (2, 2, 32, 16)
+        assert isinstance(ex.params["wq"], tuple) and ex.params["wq"][1].shape == (64, 2, 2, 16)
+        np.testing.assert_array_equal(np.asarray(ex.params["wq"][1]), params["wq"][1])
+    assert Executable(planned, layers="scan", weights=params, compile=False).module(2, 8).PER_LAYER == {}
 
 
 def test_bf16_products_with_weights_return_bf16():

@@ -24,11 +24,20 @@ class LayerState:
     """A state tensor of a repeat body, kept stacked over the layers and carried whole
     through the layer loop, so that a step writes its new rows into the one stacked
     buffer (one dynamic_update_slice at [layer, ..., pos, ...]) instead of slicing each
-    layer's cache out and stacking all layers back (a copy of the whole cache per step)."""
-    stacked: str                   # the stacked array as the loop carries it
+    layer's cache out and stacking all layers back (a copy of the whole cache per step).
+    With per-layer storage (layers="unroll") `stacked` is a tuple of the layers' arrays
+    and the layer index a Python int: a step writes into its layer's own buffer, and
+    reading it needs no slice (XLA copies a slice of a stacked buffer that feeds a matmul)."""
+    stacked: str                   # the stacked array (or tuple of layer arrays) the loop carries
     layer: str                     # code of the layer index
     block: str                     # this layer's block, when something reads it whole
     read: bool = False             # whether `block` has been emitted
+    per_layer: bool = False        # `stacked` is a tuple of per-layer arrays
+
+
+def _replaced(st: LayerState, new: str) -> str:
+    """Code of the per-layer tuple with this layer's array replaced by `new`."""
+    return f"{st.stacked}[:{st.layer}] + ({new},) + {st.stacked}[{st.layer} + 1:]"
 
 
 class LayerEmitter:
@@ -38,7 +47,10 @@ class LayerEmitter:
         """Emit the slice of this layer's block of a stacked state (once)."""
         st = self.layer_state[name]
         if not st.read:
-            self.w(f"{st.block} = lax.dynamic_index_in_dim({st.stacked}, {st.layer}, 0, keepdims=False)")
+            if st.per_layer:
+                self.w(f"{st.block} = {st.stacked}[{st.layer}]")
+            else:
+                self.w(f"{st.block} = lax.dynamic_index_in_dim({st.stacked}, {st.layer}, 0, keepdims=False)")
             st.read = True
 
     def write(self, s, op: g.Write, comm, split) -> None:
@@ -78,7 +90,10 @@ class LayerEmitter:
         nxt = self.moves(st, reshard(natural, want, op.cache.indices)).var
         if stacked is not None:       # this layer's new block back into the stacked state
             new = self.ns.fresh(f"{stacked.stacked}_")
-            self.w(f"{new} = lax.dynamic_update_index_in_dim({stacked.stacked}, {nxt}, {stacked.layer}, 0)")
+            if stacked.per_layer:
+                self.w(f"{new} = {_replaced(stacked, nxt)}")
+            else:
+                self.w(f"{new} = lax.dynamic_update_index_in_dim({stacked.stacked}, {nxt}, {stacked.layer}, 0)")
             nxt = new
         self.next_state[op.cache.name] = nxt
         self.w(f"{var} = {self.transpose(written, op.cache.indices, s.type.indices)}")
@@ -105,12 +120,18 @@ class LayerEmitter:
         dtype = decl.type.dtype
         if new.dtype != dtype:
             upd = f"{upd}.astype({DTYPE_CODE[dtype]})"
-        start = ", ".join([stacked.layer] + ["pos" if i == s_idx else "0" for i in op.cache.indices])
+        starts = ["pos" if i == s_idx else "0" for i in op.cache.indices]
         nxt = self.ns.fresh(f"{stacked.stacked}_")
-        self.w(f"{nxt} = lax.dynamic_update_slice({stacked.stacked}, {upd}[None], ({start}))"
-               f"  # in place: layer {stacked.layer}, position pos")
         written = self.ns.tensor(op.cache.name, "new")
-        self.w(f"{written} = lax.dynamic_index_in_dim({nxt}, {stacked.layer}, 0, keepdims=False)")
+        if stacked.per_layer:
+            self.w(f"{written} = lax.dynamic_update_slice({stacked.stacked}[{stacked.layer}], {upd}, "
+                   f"({', '.join(starts)},))  # in place: layer {stacked.layer}'s own buffer, position pos")
+            self.w(f"{nxt} = {_replaced(stacked, written)}")
+        else:
+            start = ", ".join([stacked.layer] + starts)
+            self.w(f"{nxt} = lax.dynamic_update_slice({stacked.stacked}, {upd}[None], ({start}))"
+                   f"  # in place: layer {stacked.layer}, position pos")
+            self.w(f"{written} = lax.dynamic_index_in_dim({nxt}, {stacked.layer}, 0, keepdims=False)")
         self.next_state[op.cache.name] = nxt
         self.w(f"{var} = {self.transpose(written, op.cache.indices, s.type.indices)}")
         self.finish(s, var, comm, dtype)
@@ -152,7 +173,7 @@ class LayerEmitter:
                 read_whole |= stmt_inputs(st)
         for d, all_var in zip(states, state_all):
             block = self.ns.tensor(d.name)
-            self.layer_state[d.name] = LayerState(all_var, layer, block)
+            self.layer_state[d.name] = LayerState(all_var, layer, block, per_layer=self.per_layer)
             self.vals[d.name] = Val(block, d.type.indices, type_layout(d.type), d.type.dtype)
             self.next_state[d.name] = all_var      # a state this layer never writes stays as it is
             if d.name in read_whole:

@@ -60,12 +60,23 @@ def program_layers(layers: str, program: str) -> str:
     return "unroll" if program == "decode" else "scan"
 
 
-def decl_specs(graph: g.Graph, kind: str) -> dict[str, str]:
+def decl_specs(graph: g.Graph, kind: str, per_layer: bool = False) -> dict[str, str]:
+    """PartitionSpec code of each declaration of a kind; a repeat block's declarations get
+    a leading layer axis, or with per_layer (each layer its own array) the one spec of
+    every layer's array (a pytree prefix of the tuple)."""
     out = {}
     for d, owner in graph.all_decls():
         if d.kind == kind:
-            out[d.name] = spec_code(type_layout(d.type), d.type.indices, lead=1 if owner is not None else 0)
+            lead = 1 if owner is not None and not per_layer else 0
+            out[d.name] = spec_code(type_layout(d.type), d.type.indices, lead=lead)
     return out
+
+
+def stacked_decls(graph: g.Graph) -> dict[str, int]:
+    """Weights and states of repeat blocks: name -> number of layers."""
+    idx = index_sizes(graph)
+    return {d.name: idx[owner.index] for d, owner in graph.all_decls()
+            if owner is not None and d.kind in ("param", "state")}
 
 
 def phase_graph(graph: g.Graph, phase: str) -> g.Graph:
@@ -112,10 +123,17 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
     progs, prepared = {}, ()
     for p, pg in full.items():
         progs[p], prepared = split_prepare(pg)
+    # layers="unroll": every stacked weight and state is stored as a tuple of per-layer
+    # arrays (PER_LAYER), so that no step slices a stacked buffer: XLA copies a slice
+    # that feeds a matmul (the cache per layer), and sinks an int8 -> bf16 convert above
+    # the slices of a stacked weight (a bf16 copy of every weight), both measured on an H200
+    per_layer = layers == "unroll"
     raw_specs = decl_specs(full["prefill"], "param")
-    pspecs = decl_specs(progs["prefill"], "param")
-    sspecs = decl_specs(progs["prefill"], "state")
-    other = decl_specs(progs["decode"], "state")
+    pspecs = decl_specs(progs["prefill"], "param", per_layer)
+    prep_specs = decl_specs(progs["prefill"], "param")
+    sspecs = decl_specs(progs["prefill"], "state", per_layer)
+    other = decl_specs(progs["decode"], "state", per_layer)
+    layered = {n: L for n, L in stacked_decls(progs["prefill"]).items() if per_layer}
     for n in sorted(set(sspecs) | set(other)):
         if sspecs.get(n) != other.get(n):
             raise EinpartError(f"prefill and decode must share one cache layout: '{n}' is "
@@ -148,8 +166,11 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
         *[f"    {literal(n, 'tensor name')}: {sp}," for n, sp in raw_specs.items()],
         "}",
         "PREPARED_SPECS = {",
-        *[f"    {literal(n, 'tensor name')}: {pspecs[n]}," for n in prepared],
+        *[f"    {literal(n, 'tensor name')}: {prep_specs[n]}," for n in prepared],
         "}",
+        "# weights and states stored as a tuple of per-layer arrays (name: layers); the",
+        "# runtime splits the stacked weights as given (and as prepared) into them",
+        "PER_LAYER = {" + ", ".join(f"{literal(n, 'tensor name')}: {int(L)}" for n, L in layered.items()) + "}",
         "# what prefill and decode read: weights as given, or prepared at load time",
         "STEP_PARAM_SPECS = {",
         *[f"    {literal(n, 'tensor name')}: {sp}," for n, sp in pspecs.items()],
@@ -174,7 +195,8 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
                                                          for n, v in items.items()) + "},")
         lines.append("}")
     emitters = [PrepareProgram(full["prefill"], prepared, program_layers(layers, "prepare"))] + [
-        StepProgram(pg, p, program_layers(layers, p), given, attention, platform) for p, pg in progs.items()]
+        StepProgram(pg, p, program_layers(layers, p), given, attention, platform, per_layer)
+        for p, pg in progs.items()]
     bodies = [e.emit() for e in emitters]
     if any(e.uses_pmax for e in emitters):
         lines[lines.index("import jax")] = "import functools\n\nimport jax"

@@ -24,8 +24,13 @@ class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter, AttentionEm
     """One generated function: `name(params, state, inputs, pos)` for a single-phase planned graph."""
 
     def __init__(self, graph: g.Graph, name: str, layers: str, given: dict | None = None,
-                 attention: str = "einsum", platform: str | None = None):
+                 attention: str = "einsum", platform: str | None = None, per_layer: bool = False):
         self.graph = graph
+        # per-layer storage: a stacked weight or state is a tuple of the layers' arrays
+        # (layers="unroll" only: a scan needs the stacked array)
+        if per_layer and layers != "unroll":
+            raise ValueError("per-layer storage needs unrolled layers")
+        self.per_layer = per_layer
         # weights passed in another layout than this program declares (a two-phase plan
         # whose phases lay a prepared weight out differently): moved when loaded
         self.given = {n: lay for n, lay in (given or {}).items()
@@ -87,7 +92,9 @@ class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter, AttentionEm
             src = {"param": "params", "state": "state", "input": "inputs"}[d.kind]
             var = self.ns.tensor(d.name, "all") if owner is not None else self.ns.tensor(d.name)
             local = self.local(d.type.indices, self.given.get(d.name, type_layout(d.type)))
-            if owner is not None:
+            if owner is not None and self.per_layer and d.kind != "input":
+                local = f"{self.idx[owner.index]} arrays {local}"
+            elif owner is not None:
                 local = (self.idx[owner.index],) + local
             note = f"{d.kind} {d.name}{format_type(d.type)}" + (f" x {owner.index}" if owner is not None else "")
             w(f"{var} = {src}[{literal(d.name, 'tensor name')}]  # {one_line(note)}: local {local}")

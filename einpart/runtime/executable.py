@@ -224,8 +224,17 @@ class Executable:
         def struct(name, spec):
             info = shapes[name]
             return jax.ShapeDtypeStruct(info.shape, dt[info.decl.type.dtype], sharding=self._sharding(spec))
-        params = {n: struct(n, s) for n, s in module.STEP_PARAM_SPECS.items()}
-        state = {n: struct(n, s) for n, s in module.STATE_SPECS.items()}
+        layered = module.PER_LAYER
+
+        def entry(name, spec):     # a tuple of per-layer arrays (PER_LAYER), or one array
+            if name not in layered:
+                return struct(name, spec)
+            one = shapes[name].shape[1:]
+            dtype = dt[shapes[name].decl.type.dtype]
+            return tuple(jax.ShapeDtypeStruct(one, dtype, sharding=self._sharding(spec))
+                         for _ in range(layered[name]))
+        params = {n: entry(n, s) for n, s in module.STEP_PARAM_SPECS.items()}
+        state = {n: entry(n, s) for n, s in module.STATE_SPECS.items()}
         inputs = {n: struct(n, s) for n, s in module.INPUT_SPECS[kind].items()}
         pos = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._sharding(P()))
         return params, state, inputs, pos
@@ -271,7 +280,20 @@ class Executable:
             fn = jax.jit(module.programs(self.mesh)["prepare"])
             prepared = fn(raw)
             self.timing.compile_s["prepare"] = time.perf_counter() - start
-        return {n: prepared[n] if n in prepared else raw[n] for n in module.STEP_PARAM_SPECS}
+        return self.unstack(module, {n: prepared[n] if n in prepared else raw[n] for n in module.STEP_PARAM_SPECS})
+
+    def unstack(self, module, tensors: dict) -> dict:
+        """Stacked weights [layers, ...] split into the tuples of per-layer arrays the
+        module stores them as (module.PER_LAYER; layers="unroll"), each placed in its
+        layout; the rest as they are. Works on concrete arrays and under jit / grad."""
+        import jax
+        out = dict(tensors)
+        for name, n in module.PER_LAYER.items():
+            if name in out and not isinstance(out[name], (tuple, list)):
+                sharding = self._sharding(module.STEP_PARAM_SPECS.get(name, module.STATE_SPECS.get(name)))
+                split = jax.jit(lambda a, n=n: tuple(a[i] for i in range(n)), out_shardings=(sharding,) * n)
+                out[name] = split(out[name])
+        return out
 
     def new_state(self, batch: int | None = None) -> dict:
         """A zero KV cache in its planned layout."""
@@ -284,9 +306,13 @@ class Executable:
             info = shapes[name]
             sharding = self._sharding(spec)
             dt = NUMPY_DTYPE[info.decl.type.dtype]
-            local = sharding.shard_shape(info.shape)
-            out[name] = jax.make_array_from_callback(info.shape, sharding,
-                                                     lambda i, n=local, d=dt: np.zeros(n, d))
+            layers = module.PER_LAYER.get(name)
+            shape = info.shape[1:] if layers else info.shape
+            local = sharding.shard_shape(shape)
+
+            def zeros(n=local, d=dt, shape=shape, sharding=sharding):
+                return jax.make_array_from_callback(shape, sharding, lambda i: np.zeros(n, d))
+            out[name] = tuple(zeros() for _ in range(layers)) if layers else zeros()
         return out
 
     def host(self, x) -> np.ndarray:

@@ -31,6 +31,9 @@ PARAM_SPECS = {
 }
 PREPARED_SPECS = {
 }
+# weights and states stored as a tuple of per-layer arrays (name: layers); the
+# runtime splits the stacked weights as given (and as prepared) into them
+PER_LAYER = {}
 # what prefill and decode read: weights as given, or prepared at load time
 STEP_PARAM_SPECS = {
     'embed': P(('x', 'y')),
