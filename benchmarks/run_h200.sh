@@ -69,3 +69,11 @@ if [ "$stage" = 6 ]; then
     --baseline unroll --cache-order bgsk --hardware "$HW" --dump-hlo /tmp/hlo --tag=-run6-b64 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
   tar -czf "$OUT/hlo.tgz" -C /tmp hlo
 fi
+if [ "$stage" = 7 ]; then
+  # int8 products at decode batch (the lowering choice), unrolled prefill with per-layer storage
+  # (compile time, speed), and fused cuDNN attention for prefill
+  HW=benchmarks/results/hardware-h200.toml
+  timeout 150 python3 benchmarks/int8_matvec.py --batches 1,8,64 --out "$OUT/int8-matvec-h200.json" 2>&1 | tee -a "$OUT/run.log"
+  timeout 400 python3 benchmarks/decode.py --batches 1 --prefill 8x2048 --layers unroll --attention einsum,auto \
+    --baseline scan --hardware "$HW" --tag=-run7 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+fi
