@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     from einpart.ir.parser import parse
     from einpart.ir.shapes import DTYPE_BYTES, decl_shapes
     from einpart.passes import run_pipeline
-    from einpart.codegen.lower import program_layers
+    from einpart.codegen.lower import resolve_layers
     from einpart.passes.shard.report import price_graph
     from einpart.runtime.executable import Executable
     from einpart.runtime.weights import NUMPY_DTYPE, expected_params
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
             compile_s = time.perf_counter() - start
             dump(dump_dir, f"{name}-decode-b{b}", prog)
             pg = split_prepare(ex._programs_for(b, ex.prefill_len)["decode"])[0]
-            predicted = price_graph(pg, args.hardware, "decode", layers=program_layers(layers, "decode")).step_s
+            predicted = price_graph(pg, args.hardware, "decode", layers=resolve_layers(layers, pg)).step_s
             module = ex.module(b, ex.prefill_len)
             tok = ex._put(np.random.default_rng(b).integers(0, sizes["V"], (b, 1)).astype(np.int32),
                           module.INPUT_SPECS["decode"][ex.axes.tokens])
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             compile_s = time.perf_counter() - start
             ready["prefill_s"] = compile_s
             pg = split_prepare(ex._programs_for(prefill_b, prefill_p)["prefill"])[0]
-            predicted = price_graph(pg, args.hardware, "prefill", layers=program_layers(layers, "prefill")).step_s
+            predicted = price_graph(pg, args.hardware, "prefill", layers=resolve_layers(layers, pg)).step_s
             module = ex.module(prefill_b, prefill_p)
             holder = {"state": ex.new_state(prefill_b)}
             tok = ex._put(np.random.default_rng(0).integers(0, sizes["V"], (prefill_b, prefill_p)).astype(np.int32),

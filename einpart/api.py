@@ -68,7 +68,7 @@ def _plan_pass(kind: str, mesh: dict, hardware: str, phase: str, batch: int, con
 
 def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int = 0, prompt: int = 0,
             pipeline=None, sizes: dict | None = None, plan: str = "shard", phase: str = "both", steps: int = 64,
-            memory_limit: float | None = 0.0, time_limit: float = 10.0, layers: str = "scan",
+            memory_limit: float | None = 0.0, time_limit: float = 10.0, layers: str = "auto",
             attention: str = "auto", dtype: str = "f32", weights=None, seed: int = 0, devices: int | None = None,
             platform: str | None = None, dump_dir: str | Path | None = None) -> "Program":
     """Parse (or take) a spec, run `pipeline` and the planner, lower it and load it on a mesh.
@@ -78,7 +78,8 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
     bytes per device, 0 = the hardware's HBM, None = none) or simple / random / replicated.
     pipeline: passes to run first (text like 'defer-norm,int8' or Pass objects). devices: N
     simulated CPU devices (before JAX starts). weights: None (random from `seed`), a
-    safetensors path, or a dict of arrays. dump_dir: write every pass's IR there. attention: einsum,
+    safetensors path, or a dict of arrays. dump_dir: write every pass's IR there. layers: scan, unroll
+    or auto (codegen.lower.resolve_layers: unrolled up to 64 layers). attention: einsum,
     xla, cudnn or auto (softmax attention as one jax.nn.dot_product_attention; codegen/attention.py).
     """
     from .passes.plans import parse_mesh

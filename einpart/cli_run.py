@@ -251,8 +251,9 @@ def _plan_args(p) -> None:
                         f"planner); default {DEFAULT_PLAN}")
     p.add_argument("--hardware", default="cpu", metavar="H", help="hardware preset for --plan shard")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompt and random plans")
-    p.add_argument("--layers", default="scan", choices=LAYER_MODES,
-                   help="lower layers to lax.scan, unroll them, or auto (unroll decode, scan prefill)")
+    p.add_argument("--layers", default="auto", choices=LAYER_MODES,
+                   help="lower layers to lax.scan, unroll them (each layer's weights and cache their own "
+                        "arrays), or auto: unroll up to 64 layers, scan above (default)")
     p.add_argument("--pipeline", metavar="P", help="passes to run before planning, e.g. 'defer-norm,cast{dtype=bf16}'")
     p.add_argument("--int8", action="store_true", help="int8 weights (adds the int8 pass last before planning)")
     p.add_argument("--kv-groups", type=int, metavar="G", help="pool K/V heads into G groups (adds multiquery{groups=G} first)")

@@ -1,6 +1,6 @@
 """Annotated IR -> a readable Python module of jax.shard_map programs.
 
-`generate_source(graph, layers="scan"|"unroll")` returns the text of a module with
+`generate_source(graph, layers="scan"|"unroll"|"auto")` returns the text of a module with
 
 - PARAM_SPECS / PREPARED_SPECS / STEP_PARAM_SPECS / STATE_SPECS / INPUT_SPECS /
   OUTPUT_SPECS: the PartitionSpec of every weight (as given; as prepared at
@@ -50,14 +50,22 @@ __all__ = ["ATTENTION_MODES", "LAYER_MODES", "generate_source", "program_graphs"
 LAYER_MODES = ("scan", "unroll", "auto")
 
 
-def program_layers(layers: str, program: str) -> str:
-    """The layer loop of one program. "auto" unrolls decode only: a decode step is bound
-    by reading the weights, and an unrolled step reads each layer's weights straight from
-    the stack, where the scan copies them out first (2x the bytes, measured on an H200);
-    prefill is bound by FLOPs, so its scan costs little and compiles several times faster."""
+# layers="auto" unrolls a model of at most this many layers. Unrolled, each layer's weights
+# and KV cache are arrays of their own, which an H200 run measured fastest for Llama-8B
+# (32 layers, benchmarks/README.md runs 6-7: decode b=1 5.9 ms vs 12.3 scanned, b=64 10.2 vs
+# 25.5, prefill 8x2048 as fast as the scan) and quick to compile (decode 3.6 s, prefill 9.2 s).
+# Compile time grows with the unrolled layers; 64 is a guess, not a measured limit.
+AUTO_UNROLL_LAYERS = 64
+
+
+def resolve_layers(layers: str, graph: g.Graph) -> str:
+    """The layer loop generate_source emits: "scan" or "unroll" as asked; "auto" unrolls
+    when no repeat block has more than AUTO_UNROLL_LAYERS layers, and scans otherwise."""
     if layers != "auto":
         return layers
-    return "unroll" if program == "decode" else "scan"
+    idx = index_sizes(graph)
+    depth = max((idx[s.op.index] for s, _ in graph.all_stmts() if isinstance(s.op, g.Repeat)), default=0)
+    return "unroll" if depth <= AUTO_UNROLL_LAYERS else "scan"
 
 
 def decl_specs(graph: g.Graph, kind: str, per_layer: bool = False) -> dict[str, str]:
@@ -119,6 +127,7 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
         check_identifier(name, "mesh axis")
         if not isinstance(n, int) or n <= 0:
             raise EinpartError(f"mesh axis {name} has a bad size {n!r}")
+    asked, layers = layers, resolve_layers(layers, graph)
     full = program_graphs(graph, prefill_len, batch)
     progs, prepared = {}, ()
     for p, pg in full.items():
@@ -144,7 +153,7 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
     lines = [
         f'"""einpart: {docstring_text(graph.source.replace(chr(92), "/").split("/")[-1])} lowered to jax.shard_map.',
         "",
-        f"mesh {', '.join(f'{n}={v}' for n, v in graph.mesh)}; layers={layers}; "
+        f"mesh {', '.join(f'{n}={v}' for n, v in graph.mesh)}; layers={layers}{'' if asked == layers else f' ({asked})'}; "
         + ("" if attention == "einsum" else f"attention={attention}; ") + "sizes "
         + ", ".join(f"{k}={v}" for k, v in resolve_sizes(progs["prefill"]).items())
         + "; decode: one query position.",
@@ -194,8 +203,8 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
             lines.append(f"    {literal(p)}: {{" + ", ".join(f"{literal(n, 'tensor name')}: {v}"
                                                          for n, v in items.items()) + "},")
         lines.append("}")
-    emitters = [PrepareProgram(full["prefill"], prepared, program_layers(layers, "prepare"))] + [
-        StepProgram(pg, p, program_layers(layers, p), given, attention, platform, per_layer)
+    emitters = [PrepareProgram(full["prefill"], prepared, layers)] + [
+        StepProgram(pg, p, layers, given, attention, platform, per_layer)
         for p, pg in progs.items()]
     bodies = [e.emit() for e in emitters]
     if any(e.uses_pmax for e in emitters):

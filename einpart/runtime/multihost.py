@@ -133,7 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--mesh", required=True)
     p.add_argument("--plan", default=None, choices=("simple", "random", "replicated", "shard"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", default="scan", choices=LAYER_MODES)
+    p.add_argument("--layers", default="auto", choices=LAYER_MODES)
     p.add_argument("--prompt-len", type=int, required=True)
     p.add_argument("--max-new", type=int, required=True)
     p.add_argument("--stage-timeout", type=float, default=3600.0,
