@@ -83,6 +83,30 @@ def dump(path: Path | None, name: str, compiled) -> None:
         f.write(compiled.as_text())
 
 
+def generate_rows(ex, name: str, vocab: int, n: int, floor_s: float) -> list:
+    """ms per generated token of ex.generate at batch 1 (8-token prompt), greedy, from
+    ex.timing's decode time: one compiled call per token (steps_per_call=1, a host
+    round trip per token) and 32 per call; the first run of each compiles."""
+    import numpy as np
+    prompt = np.random.default_rng(1).integers(0, vocab, (1, 8)).astype(np.int32)
+    rows, tokens = [], {}
+    for spc in (1, 32):
+        ex.generate(prompt, n, steps_per_call=spc)
+        runs = []
+        for _ in range(3):
+            before = (ex.timing.decode_s, ex.timing.decode_steps)
+            tokens[spc] = ex.generate(prompt, n, steps_per_call=spc)
+            runs.append((ex.timing.decode_s - before[0]) / (ex.timing.decode_steps - before[1]))
+        t = statistics.median(runs)
+        rows.append({"impl": name, "phase": f"gen-spc{spc}", "batch": 1, "ms": t * 1e3, "tokens": n,
+                     "floor_ms": floor_s * 1e3, "vs_host_loop": t * 1e3 / rows[0]["ms"] if rows else 1.0})
+        print(f"{name:22s} generate {n} tokens, {spc:2d} steps per call: {t * 1e3:8.2f} ms/token", flush=True)
+    rows[-1]["same_tokens"] = bool((tokens[1] == tokens[32]).all())
+    print(f"{name:22s} 32 steps per call / host loop: {rows[-1]['vs_host_loop']:.2f}x, same tokens: "
+          f"{rows[-1]['same_tokens']}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="8b", choices=sorted(PRESETS))
@@ -96,6 +120,9 @@ def main(argv=None) -> int:
     ap.add_argument("--int8", default="", help="layer modes to run again with the int8 pass (weights int8)")
     ap.add_argument("--hardware", default="h200", help="preset or file the predicted times are priced on")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="also time Executable.generate of N tokens at batch 1, one call per token (the host "
+                         "loop) against 32 decode steps per compiled call (runtime/decode_loop.py)")
     ap.add_argument("--einpart", default=str(HERE.parent), help="the einpart checkout to import")
     ap.add_argument("--label", default="einpart", help="name of the einpart rows")
     ap.add_argument("--dump-hlo", default="", help="folder for optimised HLO of decode programs")
@@ -213,6 +240,8 @@ def main(argv=None) -> int:
                   f"{predicted * 1e3:.2f} ms (compile {compile_s:.1f} s; attention {rows[-1]['attention']})",
                   flush=True)
             del holder
+        if args.generate:
+            rows += generate_rows(ex, name, sizes["V"], args.generate, (step_weight_bytes + kv_bytes(1)) / hbm)
         if prefill_b:
             start = time.perf_counter()
             prog = ex.compiled("prefill", prefill_b, prefill_p)
@@ -273,6 +302,8 @@ def main(argv=None) -> int:
             print(f"plain-{mode:16s} decode b={b:<3d} {t * 1e3:8.2f} ms  floor {floor * 1e3:.2f} ms "
                   f"(compile {compile_s:.1f} s)", flush=True)
             del holder
+        if args.generate:
+            rows += generate_rows(ex, name, sizes["V"], args.generate, (step_weight_bytes + kv_bytes(1)) / hbm)
         if prefill_b:
             shape = cache_shape(prefill_b)
             holder = {"state": {"k_cache": jnp.zeros(shape, jnp.bfloat16), "v_cache": jnp.zeros(shape, jnp.bfloat16)}}

@@ -165,7 +165,29 @@ def test_longer_prompt_compiles_a_longer_prefill():
     prompt3 = np.arange(12, dtype=np.int32).reshape(4, 3)
     ref_tokens, _ = ref.generate(prompt3, 3)
     np.testing.assert_array_equal(ex.generate(prompt3, 3), ref_tokens)
+    assert ("decode-loop", 4, 32, 0.0, None) in ex._compiled      # runtime/decode_loop.py
+    np.testing.assert_array_equal(ex.generate(prompt3, 3, steps_per_call=1), ref_tokens)
     assert ("decode", 4, 1) in ex._compiled
+
+
+@pytest.mark.parametrize("layers", ["scan", "unroll"])
+def test_decode_loop_on_device_gives_the_host_loop_tokens(layers):
+    """generate with several decode steps per compiled call (chunks of 32, of 2, and a
+    last chunk shorter than the rest) gives the host loop's tokens, greedy and sampled,
+    and leaves the cache and position where the host loop leaves them."""
+    graph = tiny()
+    ex = Executable(simple_plan(graph, {"x": 2}), seed=1, layers=layers)
+    prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    for options in ({}, {"temperature": 1.0, "top_k": 5, "seed": 3}, {"temperature": 0.8, "seed": 4}):
+        want = ex.generate(prompt, 5, steps_per_call=1, **options)
+        want_next = ex.decode(want[:, -1])
+        for steps in (32, 2):
+            np.testing.assert_array_equal(ex.generate(prompt, 5, steps_per_call=steps, **options), want)
+            assert ex.pos == 3 + 4
+            np.testing.assert_allclose(ex.decode(want[:, -1]), want_next, rtol=1e-5, atol=1e-6)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(EinpartError, match=f"steps_per_call must be a positive integer, got {bad!r}"):
+            ex.generate(prompt, 2, steps_per_call=bad)
 
 
 def test_bf16_storage_matches_the_reference_at_bf16():

@@ -437,33 +437,41 @@ class Executable:
         self.pos = pos + 1
         return logits
 
-    def _sampler(self, temperature: float, top_k: int | None):
+    def _pick(self, temperature: float, top_k: int | None):
+        """The sampling function (logits, position index, key data) -> tokens [batch]:
+        greedy at temperature 0, else temperature / top-k sampling."""
         import jax
         import jax.numpy as jnp
         from jax import lax
+        order = self._logits_order()
+
+        def pick(logits, index, rng):
+            x = jnp.transpose(logits, order).astype(jnp.float32)
+            x = lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False)   # [batch, vocab]
+            if temperature == 0:
+                return jnp.argmax(x, axis=-1).astype(jnp.int32)
+            x = x / temperature
+            if top_k:
+                kth = lax.top_k(x, top_k)[0][:, -1:]
+                x = jnp.where(x < kth, -jnp.inf, x)
+            return jax.random.categorical(jax.random.wrap_key_data(rng), x, axis=-1).astype(jnp.int32)
+        return pick
+
+    def _sampler(self, temperature: float, top_k: int | None):
+        import jax
         from jax.sharding import PartitionSpec as P
         key = (float(temperature), top_k)
         if key not in self._samplers:
-            order = self._logits_order()
-
-            def pick(logits, index, rng):
-                x = jnp.transpose(logits, order).astype(jnp.float32)
-                x = lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False)   # [batch, vocab]
-                if temperature == 0:
-                    return jnp.argmax(x, axis=-1).astype(jnp.int32)
-                x = x / temperature
-                if top_k:
-                    kth = lax.top_k(x, top_k)[0][:, -1:]
-                    x = jnp.where(x < kth, -jnp.inf, x)
-                return jax.random.categorical(jax.random.wrap_key_data(rng), x, axis=-1).astype(jnp.int32)
-            self._samplers[key] = jax.jit(pick, out_shardings=self._sharding(P()))
+            self._samplers[key] = jax.jit(self._pick(temperature, top_k), out_shardings=self._sharding(P()))
         return self._samplers[key]
 
     def generate(self, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 seed: int = 0, return_logits: bool = False):
+                 seed: int = 0, return_logits: bool = False, steps_per_call: int = 32):
         """Greedy (temperature 0) or sampled (temperature, top_k, seed) generation.
         Returns the new tokens [batch, max_new_tokens] (and the logits of every step,
-        [batch, positions, vocab] each, with return_logits=True)."""
+        [batch, positions, vocab] each, with return_logits=True). steps_per_call: decode
+        steps per compiled call (runtime/decode_loop.py: tokens fed back on the device);
+        1, or return_logits, runs one call per token from the host."""
         import jax
         from jax.sharding import PartitionSpec as P
         prompt = self.check_tokens(prompt_tokens, "prompt")
@@ -474,6 +482,8 @@ class Executable:
             raise EinpartError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and not 1 <= int(top_k) <= self.vocab:
             raise EinpartError(f"top_k must be between 1 and the vocabulary size {self.vocab}, got {top_k}")
+        if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, (int, np.integer)) or steps_per_call < 1:
+            raise EinpartError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
         n = prompt.shape[1]
         if self.context is not None and n > self.context:
             raise EinpartError(self._too_long(n))
@@ -481,7 +491,9 @@ class Executable:
             raise EinpartError(f"the prompt ({n} tokens) plus {max_new} new tokens needs {n + max_new - 1} "
                                f"cached positions, more than the context of {self.context}")
         self._prefill_T(n, prompt.shape[0])
-        self.compiled("decode", prompt.shape[0])
+        on_host = steps_per_call == 1 or return_logits
+        if on_host:       # compile before the prefill runs (the device loop compiles its own)
+            self.compiled("decode", prompt.shape[0])
         sample = self._sampler(temperature, top_k)
         base = jax.random.key_data(jax.random.key(seed))
         history = []
@@ -497,6 +509,11 @@ class Executable:
             out.append(nxt)
             progress.current().count("generating tokens", step + 1, max_new)
             if step + 1 == max_new:
+                break
+            if not on_host:
+                from .decode_loop import generate_on_device
+                out += generate_on_device(self, nxt, max_new, int(steps_per_call), temperature, top_k, base,
+                                          lambda k: progress.current().count("generating tokens", k, max_new))
                 break
             logits = self._decode(nxt[:, None])
             if return_logits:
