@@ -11,7 +11,7 @@ Pipeline of :func:`solve` (``reductions=True``, the default):
    and row/column minima of every edge move into node costs (additive edges
    vanish).  A reconstruction stack maps assignments back exactly.
 2. start solution: memory-respecting block coordinate descent (exact DP over
-   random induced forests, ``reduce.local_search``).  Its cost is an upper
+   random induced forests, ``descent.local_search``).  Its cost is an upper
    bound: every node strategy / edge pair whose excess alone exceeds the gap
    to the lower bound is dropped and the reductions run again.
 3. soft-memory rounds (Lagrangian relaxation of the memory constraints): the
@@ -20,9 +20,10 @@ Pipeline of :func:`solve` (``reductions=True``, the default):
    the local search.  A proved inner optimum gives a lower bound; when it
    meets the best cost the solution is optimal and CP-SAT is skipped.
 3b. with a memory limit: iterated local search (``lns.py``): kick a ball of
-   nodes to random strategies, repair and descend with the local search,
-   accept results up to 3% worse, keep the best (escapes the local optimum
-   every descent stops in on IOPDDL V).
+   nodes to random strategies, repair and descend with the local search
+   (``descent.py``, restricted to the ball and its neighbours), accept
+   results up to 3% worse, keep the best (escapes the local optimum every
+   descent stops in on IOPDDL V).
 4. CP-SAT on the reduced graph with the best solution as a complete hint.
    Default edge formulation ``form="enforced"``: one integer cost per edge,
    ``e >= sum_j M[i,j]*y_j`` enforced by the row literal (and the column
@@ -61,13 +62,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from ortools.sat.python import cp_model
 
+from .descent import Descent, local_search
 from .lns import iterated_local_search
-from .reduce import FORBIDDEN, Infeasible, Work, local_search
+from .reduce import FORBIDDEN, Infeasible, Work
 
 _SCALE_TOP = 1e9  # largest finite cost after scaling
 _THETA0 = 0.05  # initial Polyak step factor of the soft-memory rounds
 _PENALTY_MIN_STRATEGIES = 1000  # smaller reduced graphs go straight to CP-SAT
-_ILS_KICKS = 200  # kicks of the iterated local search in deterministic mode
+_ILS_KICKS = 1000  # kicks of the iterated local search in deterministic mode (about 9 s on IOPDDL V)
 
 __all__ = ["StrategyGraph", "Solution", "evaluate", "peak_usage", "solve", "validate"]
 
@@ -377,6 +379,7 @@ def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, determini
     base = copy.deepcopy(work)
     base.limit, base.parts, base.dirty = None, [[] for _ in range(base.n)], set(base.nodes())
     prev = _to_partial(work, best) if best else None
+    repair = Descent(work)   # work does not change during the rounds: its tables are built once
     theta, stall, rounds = _THETA0, 0, 0
     while rounds < (3 if deterministic else 50):
         left = until - time.perf_counter()
@@ -424,7 +427,7 @@ def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, determini
                       for terms, _ in cons]) - b
         cands = [xp] if (g <= 0).all() else []
         for k in range(4):  # repair the overflow (and improve) with the memory-aware local search
-            xr = local_search(work, start=xp, iters=100, seed=seed + 1000 * rounds + k)
+            xr = repair.run(start=xp, iters=100, seed=seed + 1000 * rounds + k)
             if xr:
                 cands.append(xr)
         for xc in cands:
