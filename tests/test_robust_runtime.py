@@ -69,7 +69,7 @@ def test_a_batch_larger_than_compiled_gets_its_own_programs_and_the_right_tokens
     prompt = np.arange(18, dtype=np.int32).reshape(6, 3) % 16
     want, _ = Reference(graph, init_params(graph, 3)).generate(prompt, 3)
     np.testing.assert_array_equal(ex.generate(prompt, 3), want)
-    assert ("decode", 6, 1) in ex._compiled
+    assert ("decode-loop", 6, 32, 0.0, None) in ex._compiled     # generate's decode loop for batch 6
     with pytest.raises(EinpartError) as e:          # the cache holds 6 sequences now
         ex.decode(np.ones(2, np.int32))
     assert str(e.value) == "decode batch 2 differs from the prefill's (6)"
