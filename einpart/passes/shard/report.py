@@ -279,7 +279,7 @@ def scan_copies(s: g.Statement, idx: dict, pricer: Pricer, hw: Hardware, read: s
     dynamic-slice fusions of the H200 HLO: bf16[1, 4096, 14336] per layer), a read and
     a write of its bytes and a kernel each; StmtCost rows named '<weight>@scan'. Only
     weights a product reads: elementwise readers (norm gains, int8 scales) fuse the
-    slice. A weight a product converts (fusion.weight_converts) is copied by that convert."""
+    slice. A weight a product converts (fusion.Lowering.converts) is copied by that convert."""
     gemm = {r.name for st in s.op.body.stmts if is_contraction(st) for r in lay.stmt_refs(st)}
     out = []
     for d in s.op.body.decls:
