@@ -217,7 +217,9 @@ def main(argv=None) -> int:
             compile_s = time.perf_counter() - start
             dump(dump_dir, f"{name}-decode-b{b}", prog)
             pg = split_prepare(ex._programs_for(b, ex.prefill_len)["decode"])[0]
-            predicted = price_graph(pg, args.hardware, "decode", layers=resolve_layers(layers, pg)).step_s
+            used = attention_used(ex.source(b, ex.prefill_len), "decode")
+            predicted = price_graph(pg, args.hardware, "decode", layers=resolve_layers(layers, pg),
+                                    attention=used).step_s
             module = ex.module(b, ex.prefill_len)
             tok = ex._put(np.random.default_rng(b).integers(0, sizes["V"], (b, 1)).astype(np.int32),
                           module.INPUT_SPECS["decode"][ex.axes.tokens])
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
             rows.append({"impl": name, "phase": "decode", "batch": b, "ms": t * 1e3, "floor_ms": floor * 1e3,
                          "predicted_ms": predicted * 1e3, "compile_s": compile_s, "build_s": build_s,
                          "step_weight_bytes": step_weight_bytes,
-                         "attention": attention_used(ex.source(b, ex.prefill_len), "decode")})
+                         "attention": used})
             if b == batches[0]:
                 ready["decode_s"] = compile_s
             print(f"{name:22s} decode b={b:<3d} {t * 1e3:8.2f} ms  floor {floor * 1e3:.2f} ms  predicted "
@@ -248,7 +250,9 @@ def main(argv=None) -> int:
             compile_s = time.perf_counter() - start
             ready["prefill_s"] = compile_s
             pg = split_prepare(ex._programs_for(prefill_b, prefill_p)["prefill"])[0]
-            predicted = price_graph(pg, args.hardware, "prefill", layers=resolve_layers(layers, pg)).step_s
+            used = attention_used(ex.source(prefill_b, prefill_p), "prefill")
+            predicted = price_graph(pg, args.hardware, "prefill", layers=resolve_layers(layers, pg),
+                                    attention=used).step_s
             module = ex.module(prefill_b, prefill_p)
             holder = {"state": ex.new_state(prefill_b)}
             tok = ex._put(np.random.default_rng(0).integers(0, sizes["V"], (prefill_b, prefill_p)).astype(np.int32),
@@ -263,7 +267,7 @@ def main(argv=None) -> int:
             rows.append({"impl": name, "phase": "prefill", "batch": prefill_b, "tokens": prefill_p,
                          "ms": t * 1e3, "mfu": flops / t / peak, "floor_ms": flops / peak * 1e3,
                          "predicted_ms": predicted * 1e3, "compile_s": compile_s,
-                         "attention": attention_used(ex.source(prefill_b, prefill_p), "prefill")})
+                         "attention": used})
             print(f"{name:22s} prefill {prefill_b}x{prefill_p} {t * 1e3:8.1f} ms  {100 * flops / t / peak:.1f}% "
                   f"of measured peak  predicted {predicted * 1e3:.1f} ms (compile {compile_s:.1f} s; attention "
                   f"{rows[-1]['attention']})", flush=True)

@@ -1,4 +1,4 @@
-"""Fused elementwise statements, kernel launches and the scanned layer loop in the
+"""Fused elementwise statements, kernel launches, int8 weight casts and the scanned layer loop in the
 cost model (einpart.passes.shard: fusion, cost, report), on graphs small enough
 to price by hand: hardware at 1 byte/s of HBM and no FLOP limit, so a
 statement's memory time is its byte count in seconds."""
@@ -146,19 +146,72 @@ output y
 """
 
 
-@pytest.mark.parametrize("convert", [False, True])
-def test_an_int8_weight_cast_for_a_gpu_product_is_a_kernel_that_writes_it(convert):
-    """The lowering casts w to bf16 for the product; on hardware with convert_kernel
-    (XLA GPU) that cast reads w (128 bytes), writes the bf16 copy (256) and the GEMM
-    reads the copy (256), two kernels; else the product reads w as stored."""
-    h = replace(hw(kernel_s=0.5), convert_kernel=convert)
-    rep = price_graph(parse(INT8), h)
-    y = rep.stmt("y")
+@pytest.mark.parametrize("layers", ["unroll", "scan"])
+def test_an_int8_weight_of_its_own_is_cast_in_the_gemm_at_int8_gemm_bytes(layers):
+    """w is its own array (not a layer stack), so XLA casts it inside the GEMM: no
+    kernel of its own, whatever the layer loop; each of its 128 int8 elements costs
+    the hardware's int8_gemm_bytes (1.5 here; 1 by default: the int8 byte)."""
     x_and_out = 2 * 8 * 2 + 2 * 16 * 2                              # bf16 x and y
-    assert y.memory_s == x_and_out + (128 + 256 + 256 if convert else 128)
-    assert y.launch_s == (1.0 if convert else 0.5)
+    for h, per in ((replace(hw(kernel_s=0.5), convert_kernel=True, int8_gemm_bytes=1.5), 1.5), (hw(0.5), 1.0)):
+        y = price_graph(parse(INT8), h, layers=layers).stmt("y")
+        assert y.memory_s == x_and_out + 128 * per and y.launch_s == 0.5
     assert weight_converts(parse(INT8)) == {"y": {"w": 2}}
-    assert lowering(parse(INT8), h).converts == ({"y": {"w": 2}} if convert else {})
+    low = lowering(parse(INT8), replace(hw(), convert_kernel=True, int8_gemm_bytes=1.5), layers)
+    assert low.converts == {} and low.casts == {"y": {"w": 1.5}}
+
+
+INT8_LAYERS = """
+size B = 2, D = 8, L = 3
+index b: B, d: D, e: D, l: L
+input x[b, d] : bf16
+xl[b, e] : bf16 = repeat l (u = x) {
+  param w[d, e] : i8
+  y[b, e] : bf16 = u[b, d] * w[d, e]
+  yield y
+}
+output xl
+"""
+
+
+def test_a_stacked_int8_weight_under_scan_is_cast_by_a_kernel_that_writes_it():
+    """Per layer y reads u (32 bytes) and writes y (32). Unrolled (each layer's w its own
+    array) the GEMM casts w: 64 elements at int8_gemm_bytes 1.5, one kernel. Scanned,
+    on hardware with convert_kernel, the slice of the stack is cast by a kernel of its
+    own: w read (64), its bf16 copy written (128) and read by the GEMM (128), two
+    kernels, and that kernel is the layer's copy (no w@scan row). Without
+    convert_kernel the scan copies the int8 slice (2 x 64 bytes, a kernel) and the GEMM
+    casts it as it reads it."""
+    gr = parse(INT8_LAYERS)
+    gpu = replace(hw(kernel_s=0.5), convert_kernel=True, int8_gemm_bytes=1.5)
+    rows = lambda rep: [(s.name, s.memory_s, s.launch_s, s.count) for s in rep.stmts]   # noqa: E731
+    assert rows(price_graph(gr, gpu)) == [("y", 32 + 96 + 32, 0.5, 3)]
+    assert rows(price_graph(gr, gpu, layers="scan")) == [("y", 32 + 64 + 128 + 128 + 32, 1.0, 3)]
+    other = replace(gpu, convert_kernel=False)
+    assert rows(price_graph(gr, other, layers="scan")) == [("w@scan", 128, 0.5, 3), ("y", 32 + 96 + 32, 0.5, 3)]
+    assert lowering(gr, gpu, "scan").converts == {"y": {"w": 2}} and lowering(gr, gpu, "scan").casts == {}
+
+
+def test_int8_gemm_bytes_is_the_measured_int8_matvec_ratio(tmp_path):
+    """The H100/H200 presets' and the calibrated file's int8_gemm_bytes are twice the
+    fused int8 GEMM's time over the bf16 GEMM's at batch 1 (benchmarks/int8_matvec.py
+    on an H200); a bad value is one error line."""
+    import json
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    rows = json.loads((results / "int8-matvec-h200-20261202-1253.json").read_text())["rows"]
+    ratio = next(r["vs_bf16"] for r in rows if r["batch"] == 1 and r["form"] == "i8-dot")
+    assert PRESETS["h200"].int8_gemm_bytes == PRESETS["h100"].int8_gemm_bytes == round(2 * ratio, 2)
+    assert load_hardware(str(results / "hardware-h200.toml")).int8_gemm_bytes == round(2 * ratio, 2)
+    assert PRESETS["tpu-v4"].int8_gemm_bytes == PRESETS["cpu"].int8_gemm_bytes == 1.0
+    f = tmp_path / "gpu.toml"
+    f.write_text('base = "h200"\nint8_gemm_bytes = 0\n')
+    with pytest.raises(EinpartError, match="field 'int8_gemm_bytes' must be positive, got 0"):
+        load_hardware(str(f))
+    f.write_text('base = "h200"\nplatform = 1\n')
+    with pytest.raises(EinpartError, match=r"field 'platform' must be a string \(cuda, tpu, cpu\), got 1"):
+        load_hardware(str(f))
+    f.write_text('base = "h200"\nplatform = "rocm"\n')
+    assert load_hardware(str(f)).platform == "rocm" and PRESETS["h200"].platform == "cuda"
 
 
 def test_prepared_int8_weights_are_cast_as_their_step_params_are():

@@ -249,8 +249,10 @@ def operand_reads(s: g.Statement, types: dict, fused=None) -> list:
     (mean(x * x) reads x once), and in place of a fused map (fusion.fused_maps: name ->
     statement) the tensors that map reads, through chains of fused maps. A weight the
     statement converts (fusion.Lowering.converts) costs its read, the converted copy's
-    write and the product's read of that copy."""
+    write and the product's read of that copy; an int8 weight it casts in the GEMM
+    (fusion.Lowering.casts) costs the hardware's int8_gemm_bytes per element."""
     converts = getattr(fused, "converts", {}).get(s.name, {})
+    casts = getattr(fused, "casts", {}).get(s.name, {})
     fused = fused if fused is not None else {}
     seen: dict = {}
 
@@ -258,7 +260,9 @@ def operand_reads(s: g.Statement, types: dict, fused=None) -> list:
         m = fused.get(name)
         if m is None or depth > len(fused):
             item = DTYPE_BYTES[types[name].dtype]
-            seen.setdefault((name, indices), item + 2 * converts[name] if name in converts else item)
+            if name in converts:
+                item += 2 * converts[name]
+            seen.setdefault((name, indices), casts.get(name, item))
             return
         rename = dict(zip(m.type.indices, indices))
         for r in lay.stmt_refs(m):

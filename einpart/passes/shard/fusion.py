@@ -33,13 +33,26 @@ collective's fixed cost is its latency term (cost.py), not counted again.
 Each costs the hardware's `kernel_s` (launch, ramp-up and tail of a kernel;
 hardware.py).
 
-Converted weights (`weight_converts`, on hardware with convert_kernel): the
-lowering casts a product's operands to the product's dtype (an int8 weight
-to bf16, codegen.statements); XLA on GPU does that cast as a kernel of its
-own that writes the converted weight, which the GEMM then reads (the H200
-HLO: a loop_slice_fusion of s8 -> bf16[1, 4096, 14336] per layer; 5.6 bytes
-moved per int8 weight element measured, 1 + 2 + 2 priced). Under lax.scan
-the same kernel is the layer's copy out of the stack (4.9 bytes measured).
+Cast weights (`weight_converts`: the lowering casts a product's operands
+to the product's dtype, an int8 weight to bf16, codegen.statements). What
+the cast costs depends on how the weight is stored (`lowering(layers=)`):
+
+  - a weight that is its own array (layers="unroll": per-layer storage,
+    codegen.layers; and every weight outside the layer loop): XLA fuses the
+    cast into the GEMM (the H200 HLO: gemm_fusion_dot reading s8[4096,
+    14336]), which reads the int8 bytes once but at a lower rate than bf16:
+    each element costs the hardware's int8_gemm_bytes (`Lowering.casts`;
+    1.95 on an H200, measured, hardware.py), no kernel of its own;
+  - a slice of a stacked weight under lax.scan (layers="scan") on hardware
+    with convert_kernel (XLA GPU): the slice and cast are a kernel of their
+    own that writes the converted copy the GEMM then reads (a
+    loop_slice_fusion of s8 -> bf16[1, 4096, 14336] per layer; 4.9 bytes
+    moved per int8 element measured, 1 + 2 + 2 priced: `Lowering.converts`).
+    That kernel is the layer's copy out of the stack (report.scan_copies).
+
+Fused attention (`Lowering.attention`, fused_attention.py): with
+attention="cudnn" / "auto" codegen computes a matched softmax-attention
+chain as one cuDNN call; its members are priced as one kernel there.
 """
 from __future__ import annotations
 
@@ -53,16 +66,41 @@ from .cost import is_contraction
 class Lowering(dict):
     """The fused maps of a graph by name (this dict: what cost.py's `fused` arguments
     take), with `converts`: statement name -> {weight name: bytes per element of the
-    copy the statement converts it to} (weight_converts)."""
+    copy the statement converts it to, written by a kernel of its own}; `casts`:
+    statement name -> {int8 weight name: bytes per element the GEMM that casts it
+    costs} (module docstring); `attention`: member statement name -> the fused
+    attention chain it belongs to (fused_attention.fused_attention)."""
 
-    def __init__(self, fused: dict, converts: dict):
+    def __init__(self, fused: dict, converts: dict, casts: dict | None = None, attention: dict | None = None):
         super().__init__(fused)
         self.converts = converts
+        self.casts = casts or {}
+        self.attention = attention or {}
 
 
-def lowering(graph: g.Graph, hw) -> Lowering:
-    """What the compiled step launches on `hw` (module docstring)."""
-    return Lowering(fused_maps(graph), weight_converts(graph) if hw.convert_kernel else {})
+def stacked_weights(graph: g.Graph) -> set:
+    """Weights stored as one stack of every layer: params declared in a repeat body and
+    the prepared weights (param-only statements) computed there."""
+    prepared = param_only(graph)
+    out = {d.name for d, owner in graph.all_decls() if owner is not None and d.kind == "param"}
+    return out | {s.name for s, owner in graph.all_stmts() if owner is not None and s.name in prepared}
+
+
+def lowering(graph: g.Graph, hw, layers: str = "unroll", attention: str = "einsum", phase: str = "") -> Lowering:
+    """What the compiled step launches on `hw` with the layer loop `layers` and the
+    attention lowering `attention` of the program `phase` (module docstring)."""
+    from .fused_attention import fused_attention
+    stacked = stacked_weights(graph) if layers == "scan" and hw.convert_kernel else set()
+    types = graph.types()
+    converts: dict = {}
+    casts: dict = {}
+    for st, weights in weight_converts(graph).items():
+        for w, nbytes in weights.items():
+            if w in stacked:
+                converts.setdefault(st, {})[w] = nbytes
+            elif types[w].dtype == "i8":
+                casts.setdefault(st, {})[w] = hw.int8_gemm_bytes
+    return Lowering(fused_maps(graph), converts, casts, fused_attention(graph, attention, hw, phase))
 
 
 def weight_converts(graph: g.Graph) -> dict:

@@ -3,7 +3,10 @@ its links, as presets with their sources, or from a small TOML/JSON file.
 
 Per device: peak FLOP/s (bf16, int8), HBM bandwidth and capacity, and the
 cost of one kernel launch (kernel_s: what a step pays per kernel beyond its
-roofline; cost.stmt_kernels counts them). Per mesh
+roofline; cost.stmt_kernels counts them), the bytes an int8 weight element
+costs a GEMM that casts it as it reads it (int8_gemm_bytes: 1 where int8 is
+read at full bandwidth), and the JAX platform (what attention="auto" picks
+on). Per mesh
 axis: the link a collective along that axis runs over (bandwidth in bytes/s
 that one device moves, and latency per collective step). How a collective
 over several axes uses their links is `combine`:
@@ -54,7 +57,9 @@ class Hardware:
     inter_node: Link | None = None
     axes: tuple = ()           # ((mesh axis name, Link), ...): per-axis overrides
     kernel_s: float = 0.0      # seconds each kernel a step launches costs beyond its roofline
-    convert_kernel: bool = False   # a product's weight cast (int8 -> bf16) is a kernel of its own (XLA GPU)
+    convert_kernel: bool = False   # a stacked weight's slice that a product casts is a kernel of its own (XLA GPU, scan)
+    int8_gemm_bytes: float = 1.0   # HBM bytes an int8 weight element costs a GEMM that casts it in its prologue
+    platform: str = ""         # the JAX platform ("cuda", "tpu", "cpu"): what codegen's attention="auto" reads
     source: str = field(default="", compare=False)
 
     def axis_links(self, mesh) -> dict[str, Link]:
@@ -90,7 +95,7 @@ class Hardware:
 # the paper prices none, and none was measured on a TPU here.
 TPU_V4 = Hardware(
     name="tpu-v4", flops_bf16=275e12, flops_int8=275e12, hbm_bandwidth=1.2e12, hbm_bytes=32 * GiB,
-    link=Link(270e9, 1e-6), combine="min",
+    link=Link(270e9, 1e-6), combine="min", platform="tpu",
     source="Cloud TPU v4 docs; Pope et al. 2022 (arXiv 2211.05102) sec. 2-3")
 TPU_V4_TORUS = replace(TPU_V4, name="tpu-v4-torus", link=Link(90e9, 1e-6), combine="sum",
                        source="scaling book, 'How to think about TPUs': ICI 9e10 B/s bidirectional per axis")
@@ -103,13 +108,23 @@ TPU_V4_TORUS = replace(TPU_V4, name="tpu-v4-torus", link=Link(90e9, 1e-6), combi
 # InfiniBand NIC per GPU = 50 GB/s. Latencies are assumed (2 us NVLink step,
 # 5 us InfiniBand step). Kernel cost (kernel_s): the H200's measured 1.9 us
 # (below), not measured on an H100 (same Hopper chip, driver and XLA path).
-# convert_kernel: XLA on GPU casts an int8 weight to bf16 in a kernel of its
-# own before the GEMM (H200 HLO, benchmarks/results/convert-h200-20261202.json).
+# convert_kernel: under lax.scan XLA on GPU slices a stacked int8 weight and
+# casts it to bf16 in a kernel of its own that writes the bf16 copy the GEMM
+# then reads (H200 HLO, benchmarks/results/convert-h200-20261202.json).
+# int8_gemm_bytes: a weight stored as its own array (layers="unroll",
+# per-layer storage) is cast inside the Triton GEMM (HLO gemm_fusion_dot with
+# parameter s8[4096,14336]), and that GEMM reads int8 at about half the bytes
+# per second of bf16: 8 layers of [B,4096]x[4096,14336] and back took 0.974x
+# (B=1) and 0.977x (B=64) the bf16 GEMMs' time (0.757x at B=8) on one H200
+# (benchmarks/int8_matvec.py, results/int8-matvec-h200-20261202-1253.json),
+# so an int8 element costs 2 x 0.974 = 1.95 bf16-rate bytes (the B=1 row,
+# decode's). The H100 takes the H200's figure (same Hopper GEMM path; not
+# measured on an H100).
 H100 = Hardware(
     name="h100", flops_bf16=989e12, flops_int8=1979e12, hbm_bandwidth=3.35e12, hbm_bytes=80e9,
     link=Link(450e9, 2e-6), combine="min", node_size=8, inter_node=Link(50e9, 5e-6), kernel_s=1.9e-6,
-    convert_kernel=True,
-    source="NVIDIA H100 SXM datasheet (dense); scaling book GPU chapter; kernel_s: the H200's")
+    convert_kernel=True, int8_gemm_bytes=1.95, platform="cuda",
+    source="NVIDIA H100 SXM datasheet (dense); scaling book GPU chapter; kernel_s, int8_gemm_bytes: the H200's")
 # H200: measured on one NVIDIA H200 (device tool, JAX 0.11.2, 2026-12-02) by
 # benchmarks/calibrate.py, file benchmarks/results/hardware-h200.toml: bf16
 # 8192^3 products on random data 722 TFLOP/s (datasheet 989), int8 1068 TOP/s
@@ -125,13 +140,13 @@ H200 = replace(H100, name="h200", flops_bf16=722.5e12, flops_int8=1068.4e12, hbm
 # A CPU "mesh" of simulated devices for tests: made-up, round numbers.
 CPU = Hardware(
     name="cpu", flops_bf16=1e11, flops_int8=1e11, hbm_bandwidth=2e10, hbm_bytes=16e9,
-    link=Link(1e10, 1e-5), combine="min", source="round numbers for tests")
+    link=Link(1e10, 1e-5), combine="min", platform="cpu", source="round numbers for tests")
 
 PRESETS = {h.name: h for h in (TPU_V4, TPU_V4_TORUS, H100, H200, CPU)}
 
 _NUMBERS = ("flops_bf16", "flops_int8", "hbm_bandwidth", "hbm_bytes")
 _KNOWN = set(_NUMBERS) | {"name", "base", "link", "combine", "node_size", "inter_node", "axes", "kernel_s",
-                          "convert_kernel"}
+                          "convert_kernel", "int8_gemm_bytes", "platform"}
 
 
 def load_hardware(spec) -> Hardware:
@@ -219,6 +234,12 @@ def hardware_from_dict(data: dict, where: str = "hardware") -> Hardware:
         if not isinstance(data["convert_kernel"], bool):
             raise EinpartError(f"{where}: field 'convert_kernel' must be true or false, got {data['convert_kernel']!r}")
         kw["convert_kernel"] = data["convert_kernel"]
+    if "int8_gemm_bytes" in data:
+        kw["int8_gemm_bytes"] = _num(where, "int8_gemm_bytes", data["int8_gemm_bytes"])
+    if "platform" in data:
+        if not isinstance(data["platform"], str):
+            raise EinpartError(f"{where}: field 'platform' must be a string (cuda, tpu, cpu), got {data['platform']!r}")
+        kw["platform"] = data["platform"]
     if "inter_node" in data:
         kw["inter_node"] = _link(where, "inter_node", data["inter_node"], base.inter_node if base else None)
     if "axes" in data:

@@ -23,6 +23,7 @@ from ...ir.shapes import DTYPE_BYTES, decl_shapes
 from ...ir.verify import index_sizes, resolve_sizes
 from .cost import (Pricer, compute_time, is_contraction, local_bytes, materialize_time, price_moves,
                    reduce_time, stmt_flops, stmt_kernels)
+from .fused_attention import attention_cost
 from .fusion import lowering
 from .hardware import Hardware, load_hardware
 
@@ -146,6 +147,30 @@ def stmt_cost(s: g.Statement, types: dict, sizes: dict, pricer: Pricer, hw: Hard
                     stmt_kernels(s, fused) * hw.kernel_s, fusion_s)
 
 
+def attention_stmt_cost(chain, stmts: dict, types, sizes, pricer: Pricer, hw: Hardware, count: int,
+                        in_repeat: bool, phase: str) -> StmtCost:
+    """The fused cuDNN call of an attention chain (fused_attention.py), on its output's row:
+    one kernel, the moves of q and k into the scores' split, of v into its product's and
+    of the output after; FLOPs and bytes of fused_attention.attention_cost."""
+    value_stmt = chain.weighted if chain.deferred else chain.out
+    parts = []
+    for name, refs in ((chain.scores, (chain.query, chain.key)), (value_stmt, (chain.value,))):
+        comm = lay.plan_stmt(stmts[name], types, lay.stmt_split(stmts[name]))
+        for ref, moves in comm.operands:
+            if ref in refs and moves:
+                item = DTYPE_BYTES[types[ref.name].dtype]
+                _, p = price_moves(moves, lay.ref_layout(ref, types[ref.name]), ref.indices, sizes, pricer, item)
+                parts += [(f"{c.describe()} on {ref.name}", t) for c, t in p]
+    out = stmts[chain.out]
+    split = lay.stmt_split(out)
+    comm = lay.plan_stmt(out, types, split)
+    _, p = price_moves(comm.result, dict(comm.natural), out.type.indices, sizes, pricer, DTYPE_BYTES[out.type.dtype])
+    parts += [(f"{c.describe()} on result", t) for c, t in p]
+    flops, nbytes = attention_cost(chain, stmts, types, sizes, pricer.size, phase)
+    return StmtCost(out.name, split, lay.type_layout(out.type), parts, flops / hw.flops_bf16,
+                    nbytes / hw.hbm_bandwidth, sum(t for _, t in parts), flops, count, in_repeat, hw.kernel_s)
+
+
 def _carry_cost(s: g.Statement, types, sizes, pricer, src_name: str) -> list:
     """A repeat moves its carried value only where init (once) or the yielded value
     (every layer) is laid out unlike it."""
@@ -254,7 +279,7 @@ def scan_copies(s: g.Statement, idx: dict, pricer: Pricer, hw: Hardware, read: s
     dynamic-slice fusions of the H200 HLO: bf16[1, 4096, 14336] per layer), a read and
     a write of its bytes and a kernel each; StmtCost rows named '<weight>@scan'. Only
     weights a product reads: elementwise readers (norm gains, int8 scales) fuse the
-    slice. A weight a product converts (fusion.weight_converts) is copied by that convert."""
+    slice. A weight a product converts (fusion.Lowering.converts) is copied by that convert."""
     gemm = {r.name for st in s.op.body.stmts if is_contraction(st) for r in lay.stmt_refs(st)}
     out = []
     for d in s.op.body.decls:
@@ -267,13 +292,18 @@ def scan_copies(s: g.Statement, idx: dict, pricer: Pricer, hw: Hardware, read: s
 
 
 def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = None,
-                merge: bool = True, layers: str = "unroll") -> PhaseReport:
+                merge: bool = True, layers: str = "unroll", attention: str = "einsum") -> PhaseReport:
     """Price a single-phase annotated graph (graph.mesh, splits, layouts) on `hardware`;
     merge: reductions run as codegen emits them, merged (layout.collective_groups);
     False prices each alone, as the strategy graph does. layers: the layer loop as
-    codegen emits it; "scan" adds the per-layer weight copies (scan_copies). The
-    planner's objective prices "unroll" (the layouts' costs; the copies scale with
-    the weight bytes a layout holds, as the reads do)."""
+    codegen emits it; "scan" adds the per-layer weight copies (scan_copies) and
+    prices stacked weights' casts as copies (fusion.lowering). attention: codegen's
+    attention lowering (codegen.attention.ATTENTION_MODES, default as codegen's,
+    "einsum"); a chain it computes with cuDNN is one fused kernel (fused_attention.py),
+    priced on its output's row, its other members at zero. `phase` names the program
+    ("prefill": the causal call skips the masked half). The planner's objective prices
+    "unroll" and "einsum" (the layouts' costs; the copies scale with the weight bytes
+    a layout holds, as the reads do)."""
     if layers not in LAYER_MODES:
         raise EinpartError(f"price_graph: layers must be one of {', '.join(LAYER_MODES)}, got {layers!r}")
     hw = load_hardware(hardware)
@@ -285,7 +315,7 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
     rep = PhaseReport(phase, math.prod(n for _, n in mesh), hw.name, peak_flops=hw.flops_bf16)
     prepared = param_only(graph)
     read = step_reads(graph, prepared)
-    fused = lowering(graph, hw)
+    fused = lowering(graph, hw, layers, attention, phase)
     producers = {s.name: s for s, _ in graph.all_stmts()}
 
     def walk(block: g.Block, count: int, in_repeat: bool):
@@ -310,8 +340,17 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
                     rep.stmts += scan_copies(s, idx, pricer, hw, read, count * idx[s.op.index], converted)
                 walk(s.op.body, count * idx[s.op.index], True)
                 continue
-            rep.stmts.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat, group_of.get(s.name),
-                                       fused, producers))
+            chain = fused.attention.get(s.name)
+            if chain is not None:
+                if s.name == chain.out:
+                    rep.stmts.append(attention_stmt_cost(chain, producers, types, idx, pricer, hw, count,
+                                                         in_repeat, phase))
+                else:               # inside the fused call: no kernel, nothing written
+                    rep.stmts.append(StmtCost(s.name, lay.stmt_split(s), lay.type_layout(s.type), [], 0.0, 0.0,
+                                              0.0, 0.0, count, in_repeat))
+            else:
+                rep.stmts.append(stmt_cost(s, types, idx, pricer, hw, count, in_repeat, group_of.get(s.name),
+                                           fused, producers))
             if is_contraction(s):
                 rep.model_flops += stmt_flops(s, idx, {}, pricer.size) * count
 
@@ -326,7 +365,8 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
             rep.kv_bytes += per
         else:
             rep.input_bytes += per
-    rep.activation_bytes = activation_peak(graph, idx, pricer.size, prepared)
+    inner = {n for n, c in fused.attention.items() if n != c.out}      # never written by the fused call
+    rep.activation_bytes = activation_peak(graph, idx, pricer.size, prepared | inner)
     return rep
 
 
