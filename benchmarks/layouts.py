@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=0, help="KV cache positions (default 2048; tiny: 64)")
     ap.add_argument("--dry-run", action="store_true", help="plan only: predicted times, no devices")
     ap.add_argument("--cpu-devices", type=int, default=0, help="run on N simulated CPU devices")
-    ap.add_argument("--layers", default="scan", choices=("scan", "unroll"))
+    ap.add_argument("--layers", default="auto", choices=("scan", "unroll", "auto"),
+                    help="layer loop of the timed programs (auto: unrolled, each layer its own arrays, up to 64 layers)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10, help="decode steps per timed repeat")
