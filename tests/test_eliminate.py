@@ -187,7 +187,7 @@ def test_palm_540b_both_phases_is_proved_optimal():
                          "cast{dtype=bf16}").graph
     p = plan(graph, "x=4,y=4,z=4", "tpu-v4", "both", batch=64, context=2048, prompt=2048, time_limit=30)
     assert p.status == "optimal" and p.gap == 0.0 and p.bound == p.objective
-    assert p.stats["rounds"][0]["model"] == "joint unlimited, elimination"
+    assert p.stats["rounds"][0]["model"] == "joint, stored layouts exact (elimination + CP-SAT)"
     assert max(r.memory_bytes for r in p.phases.values()) <= load_hardware("tpu-v4").hbm_bytes
     # the reports' price: the same, but for the stored-byte tie-break (~1e-19 s per byte)
     assert p.objective == pytest.approx(p.stats["objective_repriced"], abs=1e-8)
