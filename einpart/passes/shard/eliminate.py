@@ -325,8 +325,9 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
     that is forbidden or over the memory limit.
 
     finish(work, best): an exact solver of the graph left in `work` (memory
-    included), called once when a memory limit binds, two passes in a row kept
-    every edge and at most `finish_at` strategies are left (ilp.solve_work:
+    included), called once when a memory limit binds, at most `finish_at`
+    strategies are left and two passes in a row kept every edge (or raised the
+    bound by less than 1% of the gap) (ilp.solve_work:
     CP-SAT closes the duality gap of the memory prices, which no multiplier
     can). The graph left holds every plan of cost at most the best one, so
     its optimum is the optimum. Returns (status, full assignment or None,
@@ -370,8 +371,9 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
         consider(work.reconstruct(start))
     lam = np.zeros(work.nseg)
     duals = _Duals()
-    theta, stall, flat, exact_passes = 1.0, 0, 0, 0
+    theta, stall, flat, exact_passes, slow = 1.0, 0, 0, 0, 0
     best_mult = (lam.copy(), {})
+    sides: dict = {}          # one priced segment: its last pass above (+1) and below (-1) the limit
     for it in range(max_iter):
         if not work.nodes():
             consider(work.reconstruct({}))
@@ -418,7 +420,7 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
             except Infeasible:      # nothing at most ub is left but the best plan: rounding
                 break
         exact_passes = 0 if dropped else exact_passes + 1
-        if finish is not None and exact_passes >= 2 and work.counts()["strategies"] <= finish_at:
+        if finish is not None and (exact_passes >= 2 or slow >= 2) and work.counts()["strategies"] <= finish_at:
             t1 = time.perf_counter()
             status, full, bound = finish(work, best)
             stats["finish"] = {"status": status, "wall_s": time.perf_counter() - t1, **work.counts()}
@@ -436,6 +438,7 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
             theta, stall = theta / 2, 0
             lam, duals.lam = best_mult[0].copy(), dict(best_mult[1])
         flat = 0 if improved and low > lb_before + 1e-4 * gap else flat + 1
+        slow = 0 if improved and low > lb_before + 1e-2 * gap else slow + 1
         if patience is not None and flat >= patience:
             stats["gave_up"] = it + 1
             break
@@ -445,9 +448,28 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
         _star_updates(side, ends, p, before, duals)
         if len(binding):
             g = (_usage(work, parts, p.plan) - bvec)[binding]
-            if g @ g > 0:
+            if len(binding) == 1 and g[0] != 0:
+                sides = {k: v for k, v in sides.items() if v[3] == binding[0]}
+                sides[1 if g[0] > 0 else -1] = (float(lam[binding[0]]), low, float(g[0]), binding[0])
+            if len(sides) == 2:
+                lam[binding[0]] = _crossing(sides[1], sides[-1])
+            elif g @ g > 0:
                 lam[binding] = np.maximum(0.0, lam[binding] + theta * gap / float(g @ g) * g)
     return result("feasible" if best is not None else "unknown")
+
+
+def _crossing(over: tuple, under: tuple) -> float:
+    """The price of one memory segment where the bound's supporting lines of a
+    pass over the limit and one under it cross (the dual function is concave
+    and piecewise linear in the price: its maximum lies between them), kept a
+    tenth of the bracket inside it (a safeguarded secant step). A price only
+    steers the search; any price gives a valid bound."""
+    la, qa, ga, _ = over
+    lb, qb, gb, _ = under
+    lam = (qb - qa + ga * la - gb * lb) / (ga - gb)
+    lo, hi = min(la, lb), max(la, lb)
+    keep = 0.1 * (hi - lo)      # safeguard: the lines come from passes with other edge multipliers
+    return float(min(max(lam, lo + keep), hi - keep)) if math.isfinite(lam) else 0.5 * (lo + hi)
 
 
 def _star_updates(side: dict, ends: dict, p: Pass, before: dict, duals: _Duals, omega: float = STAR_DAMPING):
