@@ -23,8 +23,11 @@ Memory (a usage limit over liveness intervals, reduce.Work.memory_constraints)
 enters as a Lagrangian price: lam_c * (usage in constraint c - its bound) is
 <= 0 on every plan that fits, so adding it to the costs keeps every relaxed
 value a lower bound of the constrained optimum and the pruning exact. The
-prices are set by subgradient steps on the relaxation; a plan is only an upper
-bound when it fits. When the priced optimum's plan fits and leaves no slack in
+prices are set by subgradient steps on the relaxation (one priced segment: a
+safeguarded secant step), the dropped edges' multipliers by damped star
+updates (_star_updates); a plan is only an upper bound when it fits. The
+duality gap the prices leave is closed by `finish` (CP-SAT on the small
+graph the pruning leaves, ilp.solve_work) when the caller gives one. When the priced optimum's plan fits and leaves no slack in
 the priced constraints, it is optimal; otherwise the pruned graph is what is
 left, with the bound (``solve`` returns "feasible").
 """

@@ -2,9 +2,11 @@
 
 Why a module of its own: prefill and decode share only the stored layouts
 (weights, KV cache), and the joint strategy graph that ties them is what CP-SAT
-cannot prove. eliminate.py solves it exactly without the memory limit
-(joint_unlimited): when that plan fits it is the limited optimum, and otherwise
-its optimum bounds the limited one from below. priced() then adds a
+cannot prove. With a memory limit, joint_limited solves the stored-layout
+relaxation (stored_knapsack) by elimination and CP-SAT on what the pruning
+leaves: usually a proof. Otherwise eliminate.py solves it exactly without the
+memory limit (joint_unlimited): when that plan fits it is the limited optimum,
+and otherwise its optimum bounds the limited one from below. priced() then adds a
 Lagrangian memory price at the unlimited plan's peak time, for a tighter bound
 and often a better plan. Both work on the folded joint graph (planner.Builder).
 """
@@ -21,8 +23,12 @@ from . import eliminate, ilp
 from .planner import (Builder, Solved, _min_usage, is_stored, map_assignment, memory_error, memory_floor,
                       rule_out_oversized)
 
-# Time CP-SAT gets to close the stored-layout knapsack on the pruned graph (PaLM 540B: ~0.5 s).
+# Time CP-SAT gets to close the stored-layout knapsack on the pruned graph (PaLM 540B: 0.6-1.4 s).
 FINISH_S = 10.0
+# Passes the stored-layout relaxation gets (PaLM 540B: proved after 12-14), and the
+# flat passes in a row after which it gives up (the planner's other steps follow).
+KNAPSACK_ITERATIONS = 30
+KNAPSACK_PATIENCE = 4
 
 
 def _build_joint(graph, mesh, hw, phases, limit, fix, prune, merge):
@@ -80,17 +86,13 @@ def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, 
     if not fits:
         return None, got.bound, None
     proved = got.status == "optimal"
-    sol = ilp.Solution(got.assignment, got.objective, got.bound, 0.0 if proved else math.nan, got.status,
+    gap = 0.0 if proved else max(0.0, (got.objective - got.bound) / max(abs(got.objective), 1e-30))
+    sol = ilp.Solution(got.assignment, got.objective, got.bound, gap, got.status,
                        got.wall_s, {"proved_by": "elimination + CP-SAT" if proved else "", **stats})
     solved = Solved(built, sol, got.bound, 0.0, "optimal", rounds, "") if proved else \
         Solved(built, sol, got.bound, 0.0, "feasible", rounds, "")
     return (solved if proved else None), got.bound, (None if proved else solved)
 
-
-# Passes the stored-layout relaxation gets (PaLM 540B, 118 layers: proved after ~10),
-# and the flat passes in a row after which it gives up (the planner's other steps follow).
-KNAPSACK_ITERATIONS = 30
-KNAPSACK_PATIENCE = 4
 
 
 def joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds: list,
