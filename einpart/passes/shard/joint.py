@@ -81,8 +81,8 @@ def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, 
     rounds.append({"model": "joint, stored layouts exact (elimination + CP-SAT)", "status": got.status,
                    "objective": got.objective, "bound": got.bound, "fits": fits,
                    "wall_s": time.perf_counter() - t0, **built.stats, **stats})
-    if got.status == "infeasible":
-        return None, math.inf, None
+    if got.status == "infeasible":     # (no plan fits: the steps after it say why, with the sizes)
+        return None, -math.inf, None
     if not fits:
         return None, got.bound, None
     proved = got.status == "optimal"
