@@ -298,7 +298,7 @@ def test_stored_knapsack_bounds_and_proves_the_limited_optimum(mesh, frac):
     assert ref.status == "optimal" and ref.objective > unlimited.objective * (1 + 1e-6)   # memory binds
     rounds: list = []
     proved, bound, plan_ = joint.joint_limited(graph, m, hw, phases, limit, None, True, False, memory, rounds,
-                                               math.inf, 2, 0, False)
+                                               math.inf, 0, False)
     assert rounds[0]["model"] == "joint, stored layouts exact (elimination + CP-SAT)"
     assert unlimited.objective * (1 - 1e-9) <= bound <= ref.objective * (1 + 1e-9)
     got = proved or plan_

@@ -568,8 +568,7 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     knap_bound, knap_plan = -math.inf, None
     if limit is not None:      # stored layouts exact, activations at their least: usually proved here
         proved, knap_bound, knap_plan = joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of,
-                                                      rounds, math.inf if deterministic else until, workers, seed,
-                                                      deterministic)
+                                                      rounds, math.inf if deterministic else until, seed, deterministic)
         if proved is not None:
             return proved
     joint, joint_bound, unlimited = joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of,
