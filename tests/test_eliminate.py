@@ -187,7 +187,7 @@ def test_palm_540b_both_phases_is_proved_optimal():
                          "cast{dtype=bf16}").graph
     p = plan(graph, "x=4,y=4,z=4", "tpu-v4", "both", batch=64, context=2048, prompt=2048, time_limit=30)
     assert p.status == "optimal" and p.gap == 0.0 and p.bound == p.objective
-    assert p.stats["rounds"][0]["model"] == "joint unlimited, elimination"
+    assert p.stats["rounds"][0]["model"] == "joint, stored layouts exact (elimination + CP-SAT)"
     assert max(r.memory_bytes for r in p.phases.values()) <= load_hardware("tpu-v4").hbm_bytes
     # the reports' price: the same, but for the stored-byte tie-break (~1e-19 s per byte)
     assert p.objective == pytest.approx(p.stats["objective_repriced"], abs=1e-8)
@@ -222,3 +222,89 @@ def test_memory_priced_bound_is_below_the_limited_optimum(mesh, frac):
     assert memory(got.built, got.solution.assignment) <= limit
     assert got.solution.objective == pytest.approx(evaluate(got.built.sg, got.solution.assignment), rel=1e-12)
     assert got.solution.objective >= ref.objective * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("integral", [True, False])
+def test_finish_by_cp_sat_proves_memory_limited_graphs(integral):
+    """With a finish (ilp.solve_work: CP-SAT on the pruned graph, memory included)
+    every memory-limited graph is proved, at the brute-force optimum, where the
+    memory prices alone leave a duality gap on some; each finish ran on a graph
+    no larger than finish_at."""
+    from einpart.passes.shard.ilp import solve_work
+    finished = 0
+    for seed in range(12):
+        g = random_graph(100 + seed, limit=0.4, integral=integral)
+        g.usage_limit = float(np.floor(g.usage_limit))    # CP-SAT's proof counts only for unrounded memory
+        got = eliminate.solve(g, cap=10 ** 6, max_iter=60, finish=lambda w, b, g=g: solve_work(w, g, b, 10.0),
+                              finish_at=10 ** 4)
+        best = brute(g)
+        check(g, got, best)
+        if np.isfinite(best):
+            assert got.status == "optimal"
+        if "finish" in got.stats:
+            finished += 1
+            assert got.stats["finish"]["strategies"] <= 10 ** 4
+    assert finished >= 3
+
+
+def test_star_updates_keep_dropped_edge_bounds_valid():
+    """The dropped-edge multipliers (star updates) change only the speed: with a
+    tiny cap every pass drops edges, and every bound the passes give stays at or
+    below the brute-force optimum."""
+    dropped = 0
+    for seed in range(8):
+        g = random_graph(400 + seed, n=8, kmax=5, pe=0.7, pforb=0.0, integral=seed % 2 == 0)
+        got = eliminate.solve(g, cap=12, total=60, max_cap=12, max_iter=25)
+        best = brute(g)
+        check(g, got, best)
+        assert max(got.stats.get("bounds", [-np.inf])) <= best * (1 + 1e-9) + 1e-9
+        dropped += got.stats.get("dropped_edges", 0) > 0 and len(got.stats["bounds"]) > 1
+    assert dropped >= 4
+
+
+def test_memory_rows_price_only_segments_nothing_implies():
+    """Two segments with the same varying node: only the one with the smaller
+    bound (more fixed usage) is priced."""
+    g = StrategyGraph([np.array([0.0, 5.0]), np.array([0.0]), np.array([0.0])],
+                      [np.array([9.0, 1.0]), np.array([2.0]), np.array([4.0])],
+                      [(0, 4), (0, 2), (2, 4)], [], [], 12.0)
+    w = Work(g.node_costs, g.node_usages, g.intervals, g.edges, g.edge_costs, g.usage_limit, skip=REDUCE_ALL)
+    binding, bvec, parts = eliminate._memory_rows(w)
+    assert list(binding) == [1] and bvec[1] < bvec[0]      # segment [2, 4) holds 4 bytes of fixed usage
+
+
+REDUCE_ALL = ("dominance", "leaf_pareto", "merge", "eliminate")
+
+
+@pytest.mark.parametrize("mesh, frac", [("x=2", 0.6), ("x=4", 0.6)])
+def test_stored_knapsack_bounds_and_proves_the_limited_optimum(mesh, frac):
+    """joint.joint_limited (the stored-layout relaxation, pruned and closed by
+    CP-SAT) on the tiny palm.ein with the limit below its unlimited plan: its
+    bound is at most the limited optimum CP-SAT proves on the exact joint graph;
+    here it proves a plan that fits and costs that optimum."""
+    import math
+
+    from einpart.passes.shard import joint
+    from einpart.passes.shard.mesh import parse_mesh
+    graph = parse_file("examples/palm.ein")
+    hw, m = load_hardware("tpu-v4"), parse_mesh(mesh)
+    phases = make_phases(graph, "both")
+    memory = lambda b, a: pl.plan_memory(b, a, phases)  # noqa: E731
+    free = pl.Builder(graph, m, hw, phases).build(None)
+    unlimited = eliminate.solve(free.sg)
+    limit = float(int(frac * memory(free, unlimited.assignment)))     # bytes, as an HBM size is
+    exact = pl.Builder(graph, m, hw, phases, fold=False).build(limit)
+    ref = solve(exact.sg, time_limit=30)
+    assert ref.status == "optimal" and ref.objective > unlimited.objective * (1 + 1e-6)   # memory binds
+    rounds: list = []
+    proved, bound, plan_ = joint.joint_limited(graph, m, hw, phases, limit, None, True, False, memory, rounds,
+                                               math.inf, 0, False)
+    assert rounds[0]["model"] == "joint, stored layouts exact (elimination + CP-SAT)"
+    assert unlimited.objective * (1 - 1e-9) <= bound <= ref.objective * (1 + 1e-9)
+    got = proved or plan_
+    if got is not None:
+        assert memory(got.built, got.solution.assignment) <= limit
+        assert got.solution.objective == pytest.approx(evaluate(got.built.sg, got.solution.assignment), rel=1e-12)
+        assert got.solution.objective >= ref.objective * (1 - 1e-9)
+    assert proved is not None and proved.status == "optimal"        # CP-SAT closed the knapsack
+    assert proved.solution.objective == pytest.approx(ref.objective, rel=1e-6)

@@ -23,8 +23,11 @@ Memory (a usage limit over liveness intervals, reduce.Work.memory_constraints)
 enters as a Lagrangian price: lam_c * (usage in constraint c - its bound) is
 <= 0 on every plan that fits, so adding it to the costs keeps every relaxed
 value a lower bound of the constrained optimum and the pruning exact. The
-prices are set by subgradient steps on the relaxation; a plan is only an upper
-bound when it fits. When the priced optimum's plan fits and leaves no slack in
+prices are set by subgradient steps on the relaxation (one priced segment: a
+safeguarded secant step), the dropped edges' multipliers by damped star
+updates (_star_updates); a plan is only an upper bound when it fits. The
+duality gap the prices leave is closed by `finish` (CP-SAT on the small
+graph the pruning leaves, ilp.solve_work) when the caller gives one. When the priced optimum's plan fits and leaves no slack in
 the priced constraints, it is optimal; otherwise the pruned graph is what is
 left, with the bound (``solve`` returns "feasible").
 """
@@ -42,6 +45,8 @@ CAP = 4_000_000          # entries of the largest dense table of one elimination
 MAX_CAP = 32_000_000     # the cap grows up to this when the bound stalls with edges dropped
 TOTAL = 40_000_000       # entries of all tables of one pass together
 _TOL = 1e-9              # relative tolerance of "above the best known cost"
+STAR_DAMPING = 0.5       # share of a star update of the edge multipliers taken (1 diverged on PaLM)
+FINISH_AT = 800          # strategies left at most when solve hands the graph to `finish`
 
 
 @dataclass
@@ -225,14 +230,33 @@ def prune_pairs(work: Work, p: Pass, ub: float, before: dict) -> int:
 
 
 def _memory_rows(work: Work):
-    """Binding memory segments of the graph left in work: (segment ids, their
-    bounds b_k, {node: [(segments a..b, usage above its least)]})."""
+    """Binding memory segments of the graph left in work that no other implies:
+    (segment ids, their bounds b_k, {node: [(segments a..b, usage above its
+    least)]}). Segment k is implied by j when every varying part live at k is
+    live at j and b_j <= b_k (as in Work.memory_constraints): pricing k too
+    would only weaken the bound (a price on k costs lam_k * b_k >= lam_k * b_j).
+    On the two-phase graphs, where only the stored layouts vary, one segment is
+    left: the one with the largest fixed usage."""
     if work.limit is None:
         return np.zeros(0, dtype=int), np.zeros(work.nseg), {}
     bvec, maxa, _ = work.mem_state()
     binding = np.flatnonzero(maxa > bvec)
     parts = {i: [(a, b, u - u.min()) for a, b, u in work.parts[i] if u.max() > u.min()] for i in work.nodes()}
-    return binding, bvec, parts
+    lo = np.zeros(work.nseg, dtype=int)
+    hi = np.full(work.nseg, work.nseg)
+    for ps in parts.values():
+        for a, b, _ in ps:
+            lo[a:b] = np.maximum(lo[a:b], a)
+            hi[a:b] = np.minimum(hi[a:b], b)
+    keep = []
+    for k in binding:
+        if lo[k] >= hi[k]:       # no varying part live at k: over the limit at least usage
+            keep.append(k)
+            continue
+        j = lo[k] + int(np.argmin(bvec[lo[k]:hi[k]]))
+        if (bvec[j], j) >= (bvec[k], k):
+            keep.append(k)
+    return np.array(keep, dtype=int), bvec, parts
 
 
 def _priced(work: Work, lam: np.ndarray, parts: dict) -> dict:
@@ -294,13 +318,25 @@ class Result:
 
 
 def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: float | None = None,
-          max_iter: int = 200, seed: int = 0, max_cap: float = MAX_CAP) -> Result:
+          max_iter: int = 200, seed: int = 0, max_cap: float = MAX_CAP, finish=None,
+          finish_at: int = FINISH_AT, patience: int | None = None) -> Result:
     """Exact optimum of an ilp.StrategyGraph by reductions, min-marginal pruning and
     a final elimination (module docstring). hint: a full assignment (an upper
     bound when it is feasible). until: perf_counter() deadline; past it the best
     plan is returned with its bound as "feasible". Proves what it returns as
     "optimal" (the bound meets the plan's cost to 1e-9) and never returns a plan
-    that is forbidden or over the memory limit."""
+    that is forbidden or over the memory limit.
+
+    finish(work, best): an exact solver of the graph left in `work` (memory
+    included), called once when a memory limit binds, at most `finish_at`
+    strategies are left and two passes in a row kept every edge (or raised the
+    bound by less than 1% of the gap) (ilp.solve_work:
+    CP-SAT closes the duality gap of the memory prices, which no multiplier
+    can). The graph left holds every plan of cost at most the best one, so
+    its optimum is the optimum. Returns (status, full assignment or None,
+    bound). patience: give up (status "feasible") after that many passes in
+    a row that raise the bound by less than 1e-4 of the gap (a caller with a
+    slower fallback)."""
     from . import ilp
     from .reduce import local_search
     t0 = time.perf_counter()
@@ -338,8 +374,9 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
         consider(work.reconstruct(start))
     lam = np.zeros(work.nseg)
     duals = _Duals()
-    theta, stall, flat = 1.0, 0, 0
+    theta, stall, flat, exact_passes, slow = 1.0, 0, 0, 0, 0
     best_mult = (lam.copy(), {})
+    sides: dict = {}          # one priced segment: its last pass above (+1) and below (-1) the limit
     for it in range(max_iter):
         if not work.nodes():
             consider(work.reconstruct({}))
@@ -385,6 +422,16 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
                 work.run()
             except Infeasible:      # nothing at most ub is left but the best plan: rounding
                 break
+        exact_passes = 0 if dropped else exact_passes + 1
+        if finish is not None and (exact_passes >= 2 or slow >= 2) and work.counts()["strategies"] <= finish_at:
+            t1 = time.perf_counter()
+            status, full, bound = finish(work, best)
+            stats["finish"] = {"status": status, "wall_s": time.perf_counter() - t1, **work.counts()}
+            consider(full)
+            if status == "optimal" and best is not None:
+                return result("optimal")
+            lb = max(lb, bound)
+            finish = None
         # subgradient step (Polyak) on the edge and the memory multipliers
         gap = (ub - low) if math.isfinite(ub) else max(abs(low), 1.0) * 0.01
         stall = 0 if improved else stall + 1
@@ -394,30 +441,75 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
             theta, stall = theta / 2, 0
             lam, duals.lam = best_mult[0].copy(), dict(best_mult[1])
         flat = 0 if improved and low > lb_before + 1e-4 * gap else flat + 1
+        slow = 0 if improved and low > lb_before + 1e-2 * gap else slow + 1
+        if patience is not None and flat >= patience:
+            stats["gave_up"] = it + 1
+            break
         if flat >= 6 and dropped and cap < max_cap:      # the relaxation is too weak: keep more edges
             cap, total, flat, theta = min(4 * cap, max_cap), 4 * total, 0, 1.0
             stats["cap"] = cap
-        moves, nrm = [], 0
-        for e, (m, lu, lv) in side.items():
-            a, b = np.unravel_index(int(np.argmin(m)), m.shape)
-            moves.append((e, int(a), int(b)))
-            nrm += 2 * (p.plan[ends[e][0]] != a) + 2 * (p.plan[ends[e][1]] != b)
-        if nrm:
-            t = theta * gap / nrm
-            for e, a, b in moves:
-                m, lu, lv = side[e]
-                u, v = ends[e]
-                lu, lv = lu.copy(), lv.copy()
-                lu[p.plan[u]] -= t
-                lu[a] += t
-                lv[p.plan[v]] -= t
-                lv[b] += t
-                duals.lam[(u, v)] = ((lu, before[u]), (lv, before[v]))
+        _star_updates(side, ends, p, before, duals)
         if len(binding):
             g = (_usage(work, parts, p.plan) - bvec)[binding]
-            if g @ g > 0:
+            if len(binding) == 1 and g[0] != 0:
+                sides = {k: v for k, v in sides.items() if v[3] == binding[0]}
+                sides[1 if g[0] > 0 else -1] = (float(lam[binding[0]]), low, float(g[0]), binding[0])
+            if len(sides) == 2:
+                lam[binding[0]] = _crossing(sides[1], sides[-1])
+            elif g @ g > 0:
                 lam[binding] = np.maximum(0.0, lam[binding] + theta * gap / float(g @ g) * g)
     return result("feasible" if best is not None else "unknown")
+
+
+def _crossing(over: tuple, under: tuple) -> float:
+    """The price of one memory segment where the bound's supporting lines of a
+    pass over the limit and one under it cross (the dual function is concave
+    and piecewise linear in the price: its maximum lies between them), kept a
+    tenth of the bracket inside it (a safeguarded secant step). A price only
+    steers the search; any price gives a valid bound."""
+    la, qa, ga, _ = over
+    lb, qb, gb, _ = under
+    lam = (qb - qa + ga * la - gb * lb) / (ga - gb)
+    lo, hi = min(la, lb), max(la, lb)
+    keep = 0.1 * (hi - lo)      # safeguard: the lines come from passes with other edge multipliers
+    return float(min(max(lam, lo + keep), hi - keep)) if math.isfinite(lam) else 0.5 * (lo + hi)
+
+
+def _star_updates(side: dict, ends: dict, p: Pass, before: dict, duals: _Duals, omega: float = STAR_DAMPING):
+    """New multipliers of the dropped edges: at each end u, the main pass's
+    min-marginal M_u and the side problems' S_e (their minima given u) are
+    shared out evenly, B = M_u + sum_e S_e split into len + 1 equal parts.
+    That is the best bound over u's multipliers alone (the min-marginals move
+    one for one with them); done at every end at once it can overshoot, so each
+    moves omega of the way. Any multipliers give a valid bound (only the speed
+    depends on them): on the PaLM 540B two-phase graphs this climbs in 5-6
+    passes where the subgradient steps took 15-17."""
+    at: dict = {}
+    for e in side:
+        u, v = ends[e]
+        at.setdefault(u, []).append((e, 0))
+        at.setdefault(v, []).append((e, 1))
+    new = {e: [side[e][1].copy(), side[e][2].copy()] for e in side}
+    for x, lst in at.items():
+        mm = p.node_mm[x]
+        fin = np.isfinite(mm)
+        if not fin.any():
+            continue
+        total = np.where(fin, mm - mm[fin].min(), 0.0)
+        mins = []
+        for e, k in lst:
+            s = side[e][0].min(axis=1 - k)
+            ok = np.isfinite(s)
+            s = np.where(ok, s - (s[ok].min() if ok.any() else 0.0), 0.0)
+            fin &= ok
+            mins.append(s)
+            total = total + s
+        share = total / (len(lst) + 1)
+        for (e, k), s in zip(lst, mins):
+            new[e][k] = new[e][k] + omega * np.where(fin, share - s, 0.0)
+    for e in side:
+        u, v = ends[e]
+        duals.lam[(u, v)] = ((new[e][0], before[u]), (new[e][1], before[v]))
 
 
 def _prune_all(work, p: Pass, side: dict, ends: dict, mins: dict, shift: float, ub: float, before: dict, stats: dict):

@@ -227,9 +227,11 @@ class _Model:
         self.m.minimize(cp_model.LinearExpr.weighted_sum(obj_v, obj_c))
         cons, self.mem_binding = work.memory_constraints()
         self.mem_cons = len(cons)
+        self.mem_exact = True       # integral usages: the constraints are the graph's, not rounded ones
         for terms, b in cons:
             allv = np.concatenate(list(terms.values()) + [[b]])
             f = 1.0 if np.all(allv == np.round(allv)) else 1e9 / max(np.abs(allv).max(), 1e-300)
+            self.mem_exact &= f == 1.0
             vs, cs = [], []
             for i, a in terms.items():
                 for s in np.flatnonzero(a > 0):
@@ -342,6 +344,33 @@ def _cpsat(model, limit, workers, seed, deterministic, log=False, params=None):
     if st == cp_model.MODEL_INVALID:
         raise RuntimeError(f"CP-SAT rejected the model: {model.m.validate()}")
     return st, solver
+
+
+def solve_work(work: Work, graph: StrategyGraph, best, time_limit: float, workers: int = 2, seed: int = 0,
+               deterministic: bool = False, form: str = "enforced"):
+    """CP-SAT on the graph left in a Work (eliminate.solve's `finish`: the small
+    graph its pruning leaves, memory limit included). best: a full assignment
+    of `graph` (the hint) or None. Returns (status, full assignment or None,
+    bound), status "optimal" on the same terms as solve: CP-SAT proved it and
+    the costs' rounding error is at most 1e-6 of the cost (and the memory
+    constraints were not rounded)."""
+    model = _Model(work, form=form)
+    if best is not None:
+        model.hint(_to_partial(work, best))
+    st, solver = _cpsat(model, time_limit, workers, seed, deterministic)
+    if st == cp_model.INFEASIBLE:
+        return "unknown", None, -math.inf     # (the caller's pruning kept its best plan: not expected)
+    full = work.reconstruct(model.read(solver)) if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
+    if full is not None and not _feasible(graph, full):
+        full = None
+    err = 0.0 if model.exact else (model.terms + 1) * 0.5 / model.scale
+    trusted = st == cp_model.OPTIMAL and model.mem_exact
+    bound = solver.best_objective_bound / model.scale + model.base - err if trusted else -math.inf
+    obj = evaluate(graph, full) if full is not None else math.inf
+    proved = trusted and full is not None and err <= 1e-6 * max(1.0, abs(obj))
+    if proved and best is not None and evaluate(graph, best) < obj - 2 * err - 1e-9 * max(1.0, abs(obj)):
+        proved, bound = False, -math.inf      # a known plan beats CP-SAT's "optimum": its proof is unsound
+    return ("optimal" if proved else "feasible" if full is not None else "unknown"), full, bound
 
 
 def _quick_cpsat(work, graph, best, limit, workers, seed, deterministic, form):

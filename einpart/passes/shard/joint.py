@@ -2,9 +2,11 @@
 
 Why a module of its own: prefill and decode share only the stored layouts
 (weights, KV cache), and the joint strategy graph that ties them is what CP-SAT
-cannot prove. eliminate.py solves it exactly without the memory limit
-(joint_unlimited): when that plan fits it is the limited optimum, and otherwise
-its optimum bounds the limited one from below. priced() then adds a
+cannot prove. With a memory limit, joint_limited solves the stored-layout
+relaxation (stored_knapsack) by elimination and CP-SAT on what the pruning
+leaves: usually a proof. Otherwise eliminate.py solves it exactly without the
+memory limit (joint_unlimited): when that plan fits it is the limited optimum,
+and otherwise its optimum bounds the limited one from below. priced() then adds a
 Lagrangian memory price at the unlimited plan's peak time, for a tighter bound
 and often a better plan. Both work on the folded joint graph (planner.Builder).
 """
@@ -18,8 +20,80 @@ from dataclasses import replace
 import numpy as np
 
 from . import eliminate, ilp
-from .planner import (Builder, Solved, is_stored, map_assignment, memory_error, memory_floor,
+from .planner import (Builder, Solved, _min_usage, is_stored, map_assignment, memory_error, memory_floor,
                       rule_out_oversized)
+
+# Time CP-SAT gets to close the stored-layout knapsack on the pruned graph (PaLM 540B: 0.6-1.4 s).
+FINISH_S = 10.0
+# Passes the stored-layout relaxation gets (PaLM 540B: proved after 12-14), and the
+# flat passes in a row after which it gives up (the planner's other steps follow).
+KNAPSACK_ITERATIONS = 30
+KNAPSACK_PATIENCE = 4
+
+
+def _build_joint(graph, mesh, hw, phases, limit, fix, prune, merge):
+    """The folded joint graph without a limit, declaration layouts that cannot
+    fit ruled out (exact), or the error that no layout fits."""
+    built = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune, merge=merge).build(None)
+    if limit is not None:
+        floor = memory_floor(built, phases)
+        if sum(floor.values()) > limit:
+            raise memory_error(floor, limit, hw, math.prod(s for _, s in mesh))
+        rule_out_oversized(built, limit - sum(floor.values()))
+    return built
+
+
+def stored_knapsack(built, limit: float) -> ilp.StrategyGraph:
+    """The relaxation R of the limited joint problem that keeps the stored
+    layouts' memory exact: every stored node (weights, KV cache, prepared
+    weights) uses its bytes, every other node its least (a folded statement:
+    its smallest variant) whatever its strategy. A plan that fits uses at least
+    that much at every time point, so it is a plan of R of the same or lower
+    cost (folding takes the cheapest variant): R's optimum bounds the limited
+    one from below, and when R's optimal plan fits with its own activations it
+    is the limited optimum. Only the stored nodes' usage varies, so the
+    reductions still eliminate every activation node, and the memory is one
+    knapsack over ~10 stored layouts (PaLM 540B: 3-4 sizes each): what a
+    Lagrangian price cannot close, and CP-SAT on the pruned graph can."""
+    sg = built.sg
+    usages = [n.usage if is_stored(n) else np.full(len(n.cost), _min_usage(n)) for n in built.nodes]
+    return replace(sg, node_usages=usages, usage_limit=limit)
+
+
+def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds: list, until: float,
+                  seed: int, deterministic: bool) -> tuple[Solved | None, float, Solved | None]:
+    """The joint problem with the memory limit through its stored-layout
+    relaxation (stored_knapsack): eliminate.solve prunes it with memory prices
+    and hands the small graph left to CP-SAT (ilp.solve_work), which proves R's
+    optimum. Returns (the proved limited optimum or None, R's bound, R's plan
+    as a Solved when it fits but is not proved, else None)."""
+    t0 = time.perf_counter()
+    built = _build_joint(graph, mesh, hw, phases, limit, fix, prune, merge)
+    relaxed = stored_knapsack(built, limit)
+
+    def finish(work, best):
+        left = FINISH_S if deterministic else max(min(FINISH_S, until - time.perf_counter()), 0.05)
+        # one worker: as fast on these 400-700 strategy graphs as two, at half the CPU (measured)
+        return ilp.solve_work(work, relaxed, best, left, 1, seed, deterministic)
+    got = eliminate.solve(relaxed, until=until, finish=finish, max_iter=KNAPSACK_ITERATIONS,
+                          patience=KNAPSACK_PATIENCE)
+    fits = got.assignment is not None and memory_of(built, got.assignment) <= limit
+    stats = {k: v for k, v in got.stats.items() if k != "bounds"}
+    rounds.append({"model": "joint, stored layouts exact (elimination + CP-SAT)", "status": got.status,
+                   "objective": got.objective, "bound": got.bound, "fits": fits,
+                   "wall_s": time.perf_counter() - t0, **built.stats, **stats})
+    if got.status == "infeasible":     # (no plan fits: the steps after it say why, with the sizes)
+        return None, -math.inf, None
+    if not fits:
+        return None, got.bound, None
+    proved = got.status == "optimal"
+    gap = 0.0 if proved else max(0.0, (got.objective - got.bound) / max(abs(got.objective), 1e-30))
+    sol = ilp.Solution(got.assignment, got.objective, got.bound, gap, got.status,
+                       got.wall_s, {"proved_by": "elimination + CP-SAT" if proved else "", **stats})
+    solved = Solved(built, sol, got.bound, 0.0, "optimal", rounds, "") if proved else \
+        Solved(built, sol, got.bound, 0.0, "feasible", rounds, "")
+    return (solved if proved else None), got.bound, (None if proved else solved)
+
 
 
 def joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds: list,
@@ -31,12 +105,7 @@ def joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of
     as a proved plan. Returns (that plan or None, the bound, (the folded Built,
     the unlimited plan) when that plan does not fit, for priced())."""
     t0 = time.perf_counter()
-    built = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune, merge=merge).build(None)
-    if limit is not None:
-        floor = memory_floor(built, phases)
-        if sum(floor.values()) > limit:
-            raise memory_error(floor, limit, hw, math.prod(s for _, s in mesh))
-        rule_out_oversized(built, limit - sum(floor.values()))
+    built = _build_joint(graph, mesh, hw, phases, limit, fix, prune, merge)
     got = eliminate.solve(built.sg, until=until)
     fits = got.assignment is not None and (limit is None or memory_of(built, got.assignment) <= limit)
     rounds.append({"model": "joint unlimited, elimination", "status": got.status, "objective": got.objective,

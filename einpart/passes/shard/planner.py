@@ -563,8 +563,14 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     def left():      # what is left of the one time limit, and at least a quarter of it
         return max(until - time.perf_counter(), 0.25 * time_limit)
 
-    from .joint import joint_unlimited, priced     # (joint.py builds on this module)
+    from .joint import joint_limited, joint_unlimited, priced     # (joint.py builds on this module)
     rounds: list = []
+    knap_bound, knap_plan = -math.inf, None
+    if limit is not None:      # stored layouts exact, activations at their least: usually proved here
+        proved, knap_bound, knap_plan = joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of,
+                                                      rounds, math.inf if deterministic else until, seed, deterministic)
+        if proved is not None:
+            return proved
     joint, joint_bound, unlimited = joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of,
                                                      rounds, math.inf if deterministic else until)
     if joint is not None:
@@ -630,8 +636,11 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
     best = _polished(graph, mesh, hw, phases, limit, fix, prune, memory_of, best, rounds, merge,
                      math.inf if deterministic else max(until, time.perf_counter() + 0.1 * time_limit))
     lower = max(lower, joint_bound)
+    if knap_plan is not None and knap_plan.solution.objective < best.solution.objective:
+        best = replace(best, built=knap_plan.built, solution=knap_plan.solution)
     if unlimited is not None and limit is not None and (deterministic or time.perf_counter() < until):
         best, lower = priced(unlimited, limit, memory_of, best, lower, rounds, math.inf if deterministic else until)
+    lower = max(lower, knap_bound)     # (after priced: its price is set from the unlimited bound)
     obj = best.solution.objective
     gap = max(0.0, (obj - lower) / max(abs(obj), 1e-30))
     proved = best.status == "optimal" and gap <= 1e-9
