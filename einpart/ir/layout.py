@@ -262,10 +262,10 @@ def merge_partners(stmts, exclude=frozenset()) -> list[tuple[str, str]]:
     so the credited pairs form a forest. The partner is the nearest earlier
     such statement that reduces the same indices (under any split of them
     they carry the same mesh axes: ms and x . gW over d after defer-norm, the
-    exp-sum and e . v over s); pairs over different indices (PaLM's attention
-    and MLP outputs) are not credited: every pair edge closes a cycle in the
-    strategy graph, and more of them left the solver graphs it could not
-    reduce (see docs/architecture.md). collective_groups
+    exp-sum and e . v over s); pairs over different indices are not credited
+    here (every pair edge closes a cycle in the strategy graph, and more of
+    them left the solver graphs it could not reduce, see docs/architecture.md),
+    except parallel branches (branch_partners: PaLM's attention and MLP outputs). collective_groups
     then merges b with a, or b joins an earlier group of the same key: either
     way b's latency term is saved (the ILP's credit is checked against the
     merged repricing, see docs/architecture.md)."""
