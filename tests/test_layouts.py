@@ -19,7 +19,9 @@ import pytest
 from conftest import spec_path
 import einpart.codegen  # noqa: F401  (registers the plan pass)
 from einpart.errors import EinpartError, PlanError
+from einpart.ir import graph as g
 from einpart.ir import layout as lay
+from einpart.ir.analysis import param_only
 from einpart.ir.model import Reference, init_params
 from einpart.ir.parser import parse, parse_file
 from einpart.ir.printer import format_graph
@@ -158,6 +160,43 @@ def test_a_forced_layout_the_planner_would_pick_costs_the_same():
         assert set(layouts(base)[w]) == {"f"}
     forced = plan_forced(graph, "ws1d", "x=8", "h200", "decode", batch=1, context=2048)
     assert forced.phases["decode"].step_s == pytest.approx(base.phases["decode"].step_s, rel=0.01)
+
+
+PALM_WIDE = dict(D=4096, F=16384, H=16, K=256, L=2, V=1024, S=2048)    # PaLM 8B's layer, 2 layers
+
+
+@pytest.mark.parametrize("pipeline", ["", "int8"])
+def test_palm_decode_sees_the_merged_attention_and_mlp_psum(pipeline):
+    """PaLM's parallel block on x=8 H200s, decode at batch 1: under ws1d codegen
+    runs the attention and MLP partial sums as one psum (layout.collective_groups).
+    The planner credits that merge (layout.branch_partners), so its plan is
+    predicted no slower than forced ws1d, both priced by report.price_graph; before,
+    it priced each psum alone and replicated wq (272.9 us against ws1d's 244.9 us).
+    Its objective is the merged program's price."""
+    graph = parse_file(spec_path("palm"), PALM_WIDE)
+    graph = run_pipeline(graph, pipeline).graph if pipeline else graph
+    base = plan(graph, "x=8", "h200", "decode", batch=1, context=2048)
+    forced = plan_forced(graph, "ws1d", "x=8", "h200", "decode", batch=1, context=2048)
+    assert base.status == "optimal"
+    assert base.phases["decode"].step_s <= forced.phases["decode"].step_s * (1 + 1e-9)
+    assert base.objective == pytest.approx(base.stats["objective_merged"], rel=1e-6)
+    assert base.objective == pytest.approx(base.stats["objective_repriced"], rel=1e-6)
+    members = ("mlp_raw", "attn_raw") if pipeline else ("attn", "mlp")      # in block order
+    for name in members:
+        assert f"psum(x) on ({', '.join(members)})" in collectives(base, "decode", name)
+
+
+def test_branch_partners_are_the_parallel_blocks_attention_and_mlp():
+    """Only reductions over different indices that meet through elementwise
+    statements: PaLM's attention and MLP outputs (after int8, their raw products),
+    nothing in Llama's sequential block."""
+    def pairs(name, pipeline=""):
+        graph = tiny(name, pipeline)
+        body = next(s for s in graph.body.stmts if isinstance(s.op, g.Repeat)).op.body
+        return lay.branch_partners(body.stmts, param_only(graph))
+    assert pairs("palm") == [("attn", "mlp")]
+    assert pairs("palm", "int8") == [("mlp_raw", "attn_raw")]
+    assert pairs("llama") == pairs("llama", "int8") == []
 
 
 # ------------------------------------------------------------ where a layout does not apply

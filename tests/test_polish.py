@@ -57,7 +57,8 @@ def test_polish_respects_the_memory_limit():
     free, phases = build(mesh, hw, "both", fold=False)
     unlimited = ilp.solve(free.sg, time_limit=20)
     memory = lambda b, a: pl.plan_memory(b, a, phases)  # noqa: E731
-    limit = 0.4 * memory(free, unlimited.assignment)
+    limit = 0.3 * memory(free, unlimited.assignment)     # binds: the last assert (at 0.4 the 1 s solve
+    # found, once PaLM's attention + MLP psum merge was credited, a plan the limit no longer binds at)
     exact, _ = build(mesh, hw, "both", limit, fold=False)
     got = ilp.solve(exact.sg, time_limit=1)
     z, _ = polish.descend(exact, got.assignment, memory, limit, float("inf"))

@@ -262,10 +262,10 @@ def merge_partners(stmts, exclude=frozenset()) -> list[tuple[str, str]]:
     so the credited pairs form a forest. The partner is the nearest earlier
     such statement that reduces the same indices (under any split of them
     they carry the same mesh axes: ms and x . gW over d after defer-norm, the
-    exp-sum and e . v over s); pairs over different indices (PaLM's attention
-    and MLP outputs) are not credited: every pair edge closes a cycle in the
-    strategy graph, and more of them left the solver graphs it could not
-    reduce (see docs/architecture.md). collective_groups
+    exp-sum and e . v over s); pairs over different indices are not credited
+    here (every pair edge closes a cycle in the strategy graph, and more of
+    them left the solver graphs it could not reduce, see docs/architecture.md),
+    except parallel branches (branch_partners: PaLM's attention and MLP outputs). collective_groups
     then merges b with a, or b joins an earlier group of the same key: either
     way b's latency term is saved (the ILP's credit is checked against the
     merged repricing, see docs/architecture.md)."""
@@ -289,6 +289,60 @@ def merge_partners(stmts, exclude=frozenset()) -> list[tuple[str, str]]:
             out.append((pick, s.name))
         cands.append((s.name, kind, red))
     return out
+
+
+def branch_partners(stmts, exclude=frozenset(), taken=frozenset()) -> list[tuple[str, str]]:
+    """Pairs (a, b) of parallel branches: two reducing statements of a block
+    (both sums, or both maxes), b not reading a, directly or through other
+    statements, whose results meet in one later statement, read directly or
+    through statements that reduce nothing (PaLM's attention and MLP outputs,
+    added to the residual by x2, after int8 through their scale products).
+    The planner credits these always (merge_partners' pairs only when asked):
+    they make 1D weight-stationary win for a parallel block, whose attention
+    and MLP partial sums codegen merges into one psum.
+
+    b (not in `taken`: statements that already have a merge_partners
+    partner) gets the nearest earlier such a, so with merge_partners' pairs
+    they still form a forest. collective_groups gives b's latency back when
+    both leave one psum over the same axes: b joins a group of that key
+    unless it needs each of them; it does not read a, so it could need a's
+    group only through another member it reads, and that group then has two
+    members and saves one latency anyway."""
+    pos = {s.name: n for n, s in enumerate(stmts)}
+    anc: dict[str, set] = {}
+    kind: dict[str, bool] = {}      # reducing statements: is it a max
+    src: dict[str, set] = {}        # the reducing statements a value comes from through maps only
+    red: dict[str, frozenset] = {}  # their reduced indices
+    out, paired = [], set(taken)
+    for s in stmts:
+        inputs = [r for r in stmt_inputs(s) if r in pos]
+        anc[s.name] = set().union(set(inputs), *(anc[r] for r in inputs))
+        if isinstance(s.op, g.Repeat) or s.name in exclude:
+            continue
+        meet = sorted(set().union(*(src.get(r, set()) for r in inputs)), key=pos.get)
+        for j, b in enumerate(meet):
+            if b in paired:
+                continue
+            pick = next((a for a in reversed(meet[:j]) if kind[a] == kind[b] and a not in anc[b]
+                         and red[a] != red[b]), None)
+            if pick is not None:
+                out.append((pick, b))
+                paired.add(b)
+        if reduced_indices(s):
+            kind[s.name] = isinstance(s.op, g.Compute) and s.op.reduce == "max"
+            red[s.name] = frozenset(reduced_indices(s))
+            src[s.name] = {s.name}
+        elif isinstance(s.op, g.Compute):
+            src[s.name] = set(meet)
+    return out
+
+
+def credited_pairs(stmts, exclude=frozenset(), same_index: bool = False) -> tuple[list, list]:
+    """The pairs the planner credits one latency each (planner.merge_edge,
+    report.pair_credit): (merge_partners' pairs if same_index else [],
+    branch_partners' pairs of the statements those leave without a partner)."""
+    same = merge_partners(stmts, exclude) if same_index else []
+    return same, branch_partners(stmts, exclude, {b for _, b in same})
 
 
 def collective_groups(stmts, comms: dict, exclude=frozenset()) -> list[Group]:

@@ -33,8 +33,9 @@ The collectives priced here are exactly those einpart.ir.layout derives for
 codegen (`plan_stmt`, `reshard`), so the prediction matches what runs.
 Reductions that layout.collective_groups merges into one collective on a
 tuple are priced as one: their bytes add, one fixed term (report.py). The
-strategy graph (stmt_strategies) prices every reduction on its own, an
-upper bound on the merged program.
+strategy graph (stmt_strategies) prices every reduction on its own, and the
+planner's pair edges (planner.merge_edge) give back one fixed term per pair
+it credits (parallel branches always, layout.branch_partners).
 """
 from __future__ import annotations
 

@@ -161,12 +161,16 @@ class Builder:
     prune: never split a rope pair index anywhere (a split pair must be
     gathered before every rope; it never paid on the models we tried and
     removes about 40% of the strategies).
+    merge: credit merge_partners' pairs (opt-in); branch: credit parallel
+    branches (layout.branch_partners: PaLM's attention and MLP psums, which
+    codegen merges), on by default; both through merge_edge.
     """
 
     def __init__(self, graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], fix: dict | None = None,
-                 fold: bool = True, prune: bool = True, merge: bool = False):
+                 fold: bool = True, prune: bool = True, merge: bool = False, branch: bool = True):
         self.graph = graph
         self.merge = merge
+        self.branch = branch     # credit parallel branches' merged reductions (layout.branch_partners)
         self.mesh = tuple(mesh)
         self.hw = hw
         self.phases = phases
@@ -186,7 +190,8 @@ class Builder:
         self.step_read = step_reads(graph, self.prepared)
         self.fused = lowering(graph, hw)
         self.prep_prod: dict[str, int] = {}
-        self.pairs = 0
+        self.pairs = 0           # merge_partners' pairs (opt-in: merge)
+        self.branch_pairs = 0    # branch_partners' pairs (always)
 
     # -- helpers -----------------------------------------------------------
     def _fixed(self, phase: str | None, name: str):
@@ -306,8 +311,11 @@ class Builder:
         self.link(prod, cons, wants, float(nbytes), scale, equal)
 
     def _block(self, block: g.Block, ph: Phase, mult: float, prod: dict, offset: int):
-        partner = {b: a for a, b in lay.merge_partners(block.stmts, self.prepared)} if self.merge else {}
-        self.pairs += len(partner)
+        same, branch = lay.credited_pairs(block.stmts, self.prepared, self.merge)
+        branch = branch if self.branch else []
+        partner = {b: a for a, b in same + branch}
+        self.pairs += len(same)
+        self.branch_pairs += len(branch)
         paired = set(partner) | set(partner.values())
         for s in block.stmts:
             if s.name in self.prepared:
@@ -421,7 +429,7 @@ class Builder:
         stats = {"nodes": len(self.nodes), "edges": len(edges),
                  "strategies": int(sum(len(n.cost) for n in self.nodes)),
                  "layouts": len(self.table.layouts), "reshard_pairs": self.table.pairs, "folded": sum(1 for n in self.nodes if n.fold),
-                 "merge_pairs": self.pairs}
+                 "merge_pairs": self.pairs, "branch_pairs": self.branch_pairs}
         return Built(sg, self.nodes, self.by_label, stats)
 
 
@@ -534,9 +542,11 @@ def solve_built(built: Built, plain, **kw) -> ilp.Solution:
     """Solve a strategy graph with merge-pair edges. The pair edges close cycles
     the reductions cannot remove, and CP-SAT alone then often stops at worse
     plans than the graph without them has: so the graph without pair edges
-    (`plain()`, built with merge=False) is solved first and its plan, which the
-    pair graph prices at most as high, is the hint."""
-    if not built.stats.get("merge_pairs"):
+    (`plain()`, built with merge=False, branch=False) is solved first and its plan, which the
+    pair graph prices at most as high, is the hint (and the plan, should the
+    pair graph's solve run out of time first). Branch pairs (layout.branch_partners,
+    always on) close cycles too: the same two steps."""
+    if not built.stats.get("merge_pairs") and not built.stats.get("branch_pairs"):
         return ilp.solve(built.sg, **kw)
     other = plain()
     first = ilp.solve(other.sg, **kw)
@@ -587,7 +597,7 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
             rule_out_oversized(built, slack)
 
         def plain(ph=ph, slack=slack):
-            b = Builder(graph, mesh, hw, [ph], fix, fold=True, prune=prune, merge=False).build(None)
+            b = Builder(graph, mesh, hw, [ph], fix, fold=True, prune=prune, merge=False, branch=False).build(None)
             if slack is not None:
                 rule_out_oversized(b, slack)
             return b
@@ -690,7 +700,7 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
         rule_out_oversized(built, limit - sum(floor.values()))
 
     def plain():
-        b = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune, merge=False).build(None)
+        b = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune, merge=False, branch=False).build(None)
         if limit is not None:
             rule_out_oversized(b, limit - sum(memory_floor(b, phases).values()))
         return b
@@ -711,7 +721,7 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
     rule_out_oversized(exact, limit - sum(memory_floor(exact, phases).values()))
 
     def plain_exact():
-        b = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune, merge=False).build(limit)
+        b = Builder(graph, mesh, hw, phases, fix, fold=False, prune=prune, merge=False, branch=False).build(limit)
         rule_out_oversized(b, limit - sum(memory_floor(b, phases).values()))
         return b
     sol = solve_built(exact, plain_exact, time_limit=left, seed=seed, workers=workers, deterministic=deterministic)

@@ -370,11 +370,12 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
     return rep
 
 
-def pair_credit(graph: g.Graph, hardware) -> float:
+def pair_credit(graph: g.Graph, hardware, same_index: bool = False) -> float:
     """Seconds per step the planner's strategy graph credits an annotated
     single-phase graph for merged reductions: one latency term per pair
-    (layout.merge_partners) whose two reductions are one psum (or pmax) over the
-    same mesh axes. price_graph(merge=False).step_s minus this is what the
+    (layout.credited_pairs: parallel branches always, merge_partners' pairs with
+    same_index, the planner's merge_pairs) whose two reductions are one psum (or
+    pmax) over the same mesh axes. price_graph(merge=False).step_s minus this is what the
     planner's objective prices; price_graph(merge=True) is what codegen runs."""
     hw = load_hardware(hardware)
     pricer = Pricer(hw, graph.mesh or (("x", 1),))
@@ -387,7 +388,8 @@ def pair_credit(graph: g.Graph, hardware) -> float:
         nonlocal total
         keys = {s.name: lay.merge_key(lay.plan_stmt(s, types, lay.stmt_split(s))) for s in block.stmts
                 if not isinstance(s.op, g.Repeat)}
-        for a, b in lay.merge_partners(block.stmts, prepared):
+        same, branch = lay.credited_pairs(block.stmts, prepared, same_index)
+        for a, b in same + branch:
             if keys[a] is not None and keys[a] == keys[b]:
                 total += pricer.coef(*keys[b])[1] * count
         for s in block.stmts:

@@ -218,7 +218,7 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     # pair (report.pair_credit): re-price it so; the reports price the program codegen
     # emits, with merged reductions (objective_merged, at most objective_repriced)
     check = sum(ph.weight * (price_graph(per_phase[ph.name], hw, ph.name, merge=False).step_s
-                             - (pair_credit(per_phase[ph.name], hw) if merge_pairs else 0.0))
+                             - pair_credit(per_phase[ph.name], hw, merge_pairs))
                 for ph in phases) + \
         pl.PREPARE_WEIGHT * reports[phases[0].name].prepare_s
     merged = sum(ph.weight * reports[ph.name].step_s for ph in phases)
