@@ -46,7 +46,7 @@ MAX_CAP = 32_000_000     # the cap grows up to this when the bound stalls with e
 TOTAL = 40_000_000       # entries of all tables of one pass together
 _TOL = 1e-9              # relative tolerance of "above the best known cost"
 STAR_DAMPING = 0.5       # share of a star update of the edge multipliers taken (1 diverged on PaLM)
-FINISH_AT = 800          # strategies left at most when solve hands the graph to `finish`
+FINISH_AT = 1600         # strategies left at most when solve hands the graph to `finish`
 
 
 @dataclass
