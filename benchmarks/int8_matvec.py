@@ -15,10 +15,10 @@ storage, as layers=unroll stores them), timed for these forms:
 
 Timing: a burst of --calls calls is dispatched and blocked on once, and the
 median over --bursts bursts of (burst time / calls) is reported, so host
-dispatch and the wait are not counted per call (the copy-bandwidth probe is
-timed the same way). Each row prints the time of one call, the weight bytes per
-second it reaches, its share of the HBM floor (weight bytes / measured copy
-bandwidth), its time against bf16 at the same batch, and its output's error
+dispatch and the wait are not counted per call (the bandwidth probes are timed
+the same way). Each row prints the time of one call, the weight bytes per
+second it reaches, its share of the HBM floor (weight bytes / the larger of the
+measured copy and read-only bandwidths), its time against bf16 at the same batch, and its output's error
 against the i8-dot output (same function: int8 weights, f32 accumulation).
 
 --sweep also times the kernel's block configs on each product shape alone
@@ -46,6 +46,8 @@ FORMS = ("bf16", "i8-dot", "i8-pallas", "i8-reduce")
 SWEEP = ((128, 128, None, 4, 4), (128, 256, None, 4, 3), (256, 128, None, 8, 3), (128, 256, 1, 4, 3),
          (128, 256, None, 8, 3))
 SWEEP_VARIANTS = (("direct", "partials"), ("magic", "partials"), ("magic", "atomic"))
+# M = 1 only: mode "fma" (block_n, block_k, num_warps, num_stages, convert), splits as above, reduce "atomic"
+SWEEP_FMA = ((128, 64, 4, 4, "magic"), (128, 64, 4, 4, "direct"), (256, 32, 4, 4, "magic"), (64, 64, 4, 6, "magic"))
 
 
 def product(form: str, x, w, config=None):
@@ -77,12 +79,17 @@ def burst_seconds(fn, args, calls: int, bursts: int) -> float:
     return statistics.median(per)
 
 
-def copy_bandwidth(calls: int, bursts: int, n_bytes: int = 1 << 30) -> float:
-    """Bytes per second of a device copy (read + write), the floor's bandwidth."""
+def hbm_bandwidth(calls: int, bursts: int, n_bytes: int = 1 << 30) -> dict:
+    """Bytes per second through HBM two ways (as calibrate.copy_bandwidth, burst-timed):
+    a copy-like scale (read + write) and a read-only sum (bytes read). The larger is
+    the floor's bandwidth: a product streaming its weights only reads."""
     import jax
     import jax.numpy as jnp
-    a = jnp.ones((n_bytes // 2,), jnp.bfloat16)
-    return 2 * n_bytes / burst_seconds(jax.jit(lambda a: a + 1), (a,), calls, bursts)
+    a = jax.random.normal(jax.random.key(3), (n_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * jnp.bfloat16(1.5))
+    read = jax.jit(lambda a: jnp.sum(a.reshape(-1, 4096), axis=0, dtype=jnp.float32))
+    return {"copy": 2 * n_bytes / burst_seconds(copy, (a,), calls, bursts),
+            "read": n_bytes / burst_seconds(read, (a,), calls, bursts)}
 
 
 def rel_err(y, ref) -> float:
@@ -111,6 +118,9 @@ def sweep(rng, args, bw: float) -> list[dict]:
                 for conv, red in SWEEP_VARIANTS:
                     if s > 1 or red == "partials":
                         cfgs.append(Int8MatmulConfig(bn, bk, s, nw, st, conv, red))
+            for bn, bk, nw, st, conv in SWEEP_FMA if b == 1 else ():
+                s = max(1, min(-(-TARGET_PROGRAMS // -(-n // bn)), -(-k // bk) // 2))
+                cfgs.append(Int8MatmulConfig(bn, bk, s, nw, st, conv, "atomic", "fma"))
             for cfg in cfgs:
                 row = {"batch": b, "k": k, "n": n, "config": vars(cfg).copy(),
                        "programs": grid_programs(b, k, n, cfg)}
@@ -153,8 +163,9 @@ def main(argv=None) -> int:
     shapes = [(args.d, args.f), (args.f, args.d)] * args.layers
     i8 = [jnp.asarray(rng.integers(-127, 128, s, dtype=np.int8)) for s in shapes]
     bf = [w.astype(jnp.bfloat16) for w in i8]
-    bw = copy_bandwidth(args.calls, args.bursts)
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    hbm = hbm_bandwidth(args.calls, args.bursts)
+    bw = max(hbm.values())
+    print("HBM " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in hbm.items()), flush=True)
     rows = []
     for b in [int(v) for v in args.batches.split(",")]:
         x = jnp.asarray(rng.standard_normal((b, args.d)) * 0.01, jnp.bfloat16)
@@ -193,7 +204,8 @@ def main(argv=None) -> int:
     result = {"device": device(), "accelerator": jax.devices()[0].device_kind, "jax": jax.__version__, "versions": versions(),
               "command": " ".join(["python", "benchmarks/int8_matvec.py", *(argv or sys.argv[1:])]),
               "timing": f"median over {args.bursts} bursts of {args.calls} calls, one block per burst",
-              "copy_bandwidth_tb_per_s": bw / 1e12, "layers": args.layers, "d": args.d, "f": args.f,
+              "hbm_tb_per_s": {k: v / 1e12 for k, v in hbm.items()}, "floor_bandwidth_tb_per_s": bw / 1e12,
+              "layers": args.layers, "d": args.d, "f": args.f,
               "rows": rows}
     path = write_result(result, f"int8-matvec-{jax.devices()[0].platform}", args.out)
     print("wrote", path, flush=True)

@@ -44,6 +44,8 @@ CASES = [  # (m, k, n, config): K and N not multiples of the blocks, M below and
     (64, 96, 40, Int8MatmulConfig(block_n=32, block_k=16, splits=4, convert="magic")),
     (5, 77, 19, Int8MatmulConfig(block_n=16, block_k=16, splits=3, convert="magic", reduce="atomic")),
     (2, 48, 24, None),                                                                   # default_config
+    (1, 90, 40, Int8MatmulConfig(block_n=16, block_k=32, splits=2, mode="fma")),
+    (1, 70, 20, Int8MatmulConfig(block_n=16, block_k=16, splits=3, mode="fma", convert="magic", reduce="atomic")),
 ]
 
 
@@ -111,6 +113,8 @@ def test_bad_operands(x_shape, x_dtype, w_shape, w_dtype, message):
     (Int8MatmulConfig(num_warps=3), "int8_matmul: num_warps = 3 must be one of 1, 2, 4, 8, 16"),
     (Int8MatmulConfig(convert="fast"), "int8_matmul: convert = 'fast' must be one of direct, magic"),
     (Int8MatmulConfig(reduce="tree"), "int8_matmul: reduce = 'tree' must be one of partials, atomic"),
+    (Int8MatmulConfig(mode="simd"), "int8_matmul: mode = 'simd' must be one of dot, fma"),
+    (Int8MatmulConfig(mode="fma"), "int8_matmul: mode 'fma' is for M = 1 (one row of x), got M = 2"),
     ((128, 128), "int8_matmul: config must be an Int8MatmulConfig, got tuple"),
 ])
 def test_bad_config(config, message):

@@ -28,6 +28,7 @@ MAX_ROWS = 64
 TARGET_PROGRAMS = 264
 CONVERTS = ("direct", "magic")
 REDUCES = ("partials", "atomic")
+MODES = ("dot", "fma")
 # 2**23 + 128 as f32 bits: (int8 v) + MAGIC_BITS, read as f32, is 2**23 + 128 + v exactly.
 MAGIC_BITS = 0x4B000080
 MAGIC = 8388736.0
@@ -43,10 +44,13 @@ class Int8MatmulConfig:
     num_stages: int = 3
     convert: str = "direct"   # "direct": int8 -> bf16 cast; "magic": via f32 bits (integer add, float sub)
     reduce: str = "partials"  # split-K: "partials" [splits, M, N] f32 summed by XLA; "atomic": f32 atomic adds
+    mode: str = "dot"         # "dot": tensor-core dot of Mp rows; "fma": M = 1 only, f32 FMAs, no dot
 
     def check(self) -> None:
         if self.convert not in CONVERTS:
             raise EinpartError(f"int8_matmul: convert = {self.convert!r} must be one of {', '.join(CONVERTS)}")
+        if self.mode not in MODES:
+            raise EinpartError(f"int8_matmul: mode = {self.mode!r} must be one of {', '.join(MODES)}")
         if self.reduce not in REDUCES:
             raise EinpartError(f"int8_matmul: reduce = {self.reduce!r} must be one of {', '.join(REDUCES)}")
         for name in ("block_n", "block_k"):
@@ -128,6 +132,8 @@ def int8_matmul(x, w, config: Int8MatmulConfig | None = None, *, interpret: bool
     if not isinstance(cfg, Int8MatmulConfig):
         raise EinpartError(f"int8_matmul: config must be an Int8MatmulConfig, got {type(cfg).__name__}")
     cfg.check()
+    if cfg.mode == "fma" and m != 1:
+        raise EinpartError(f"int8_matmul: mode 'fma' is for M = 1 (one row of x), got M = {m}")
     if not _use_kernel(interpret):
         return int8_matmul_reference(x, w)
     return _pallas_product(x, w, m, k, n, cfg, interpret)
@@ -147,6 +153,7 @@ def _pallas_product(x, w, m, k, n, cfg: Int8MatmulConfig, interpret: bool):
     partial = splits > 1
 
     atomic = partial and cfg.reduce == "atomic"
+    fma = cfg.mode == "fma"
 
     def kernel(x_ref, w_ref, o_ref, *aliased):
         j = pl.program_id(0)
@@ -167,12 +174,15 @@ def _pallas_product(x, w, m, k, n, cfg: Int8MatmulConfig, interpret: bool):
                             mask=k_ok[:, None] & col_ok[None, :], other=0)
             if cfg.convert == "magic":
                 wf = jax.lax.bitcast_convert_type(wt.astype(jnp.int32) + MAGIC_BITS, jnp.float32) - MAGIC
-                wb = wf.astype(jnp.bfloat16)
             else:
-                wb = wt.astype(jnp.bfloat16)
-            return acc + jnp.dot(xt, wb, preferred_element_type=jnp.float32)
+                wf = wt.astype(jnp.float32 if fma else jnp.bfloat16)
+            if fma:  # M == 1: elementwise FMAs into a [bk, bn] accumulator, summed over K once at the end
+                return acc + xt[0].astype(jnp.float32)[:, None] * wf
+            return acc + jnp.dot(xt, wf.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((mp, bn), jnp.float32))
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bk, bn) if fma else (mp, bn), jnp.float32))
+        if fma:
+            acc = jnp.where(rows[:, None] == 0, jnp.sum(acc, axis=0)[None, :], 0.0)
         out_mask = row_ok[:, None] & col_ok[None, :]
         if atomic:
             o_ref = aliased[0]
