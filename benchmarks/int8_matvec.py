@@ -10,6 +10,8 @@ storage, as layers=unroll stores them), timed for these forms:
               emits it (XLA fuses the cast into a Triton GEMM);
   i8-pallas   int8 weights through einpart.runtime.kernels.int8_matmul (a
               Pallas/Triton kernel streaming the int8 bytes; default config);
+  i8-pallas-tuned  the same kernel with, per weight shape, the fastest config of
+              this run's --sweep at the nearest swept batch (needs --sweep);
   i8-reduce   int8 weights, the product written as a broadcast multiply and a
               sum over the contracted axis (one XLA reduction kernel).
 
@@ -21,8 +23,9 @@ second it reaches, its share of the HBM floor (weight bytes / the larger of the
 measured copy and read-only bandwidths), its time against bf16 at the same batch, and its output's error
 against the i8-dot output (same function: int8 weights, f32 accumulation).
 
---sweep also times the kernel's block configs on each product shape alone
-(8 weights of that shape) at --sweep-batches, and stores them under "sweep".
+--sweep first times the kernel's block configs on each product shape alone
+(8 weights of that shape) at --sweep-batches, and stores them under "sweep";
+the i8-pallas-tuned rows use its winners.
 
     python benchmarks/int8_matvec.py [--batches 1,8,64] [--sweep] [--out FILE]
 """
@@ -40,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from plan import device, versions, write_result  # noqa: E402
 
-FORMS = ("bf16", "i8-dot", "i8-pallas", "i8-reduce")
+FORMS = ("bf16", "i8-dot", "i8-pallas", "i8-pallas-tuned", "i8-reduce")
 # (block_n, block_k, splits or None = as many as default_config's rule gives, num_warps, num_stages),
 # each tried with SWEEP_VARIANTS (convert, reduce; reduce only matters with splits > 1)
 SWEEP = ((128, 128, None, 4, 4), (128, 256, None, 4, 3), (256, 128, None, 8, 3), (128, 256, 1, 4, 3),
@@ -57,7 +60,7 @@ def product(form: str, x, w, config=None):
         return jnp.einsum("bd,df->bf", x, w, preferred_element_type=jnp.bfloat16)
     if form == "i8-dot":
         return jnp.einsum("bd,df->bf", x, w.astype(jnp.bfloat16), preferred_element_type=jnp.bfloat16)
-    if form == "i8-pallas":
+    if form in ("i8-pallas", "i8-pallas-tuned"):
         from einpart.runtime.kernels import int8_matmul
         return int8_matmul(x, w, config)
     prod = x[:, :, None].astype(jnp.float32) * w[None].astype(jnp.float32)
@@ -138,6 +141,19 @@ def sweep(rng, args, bw: float) -> list[dict]:
     return rows
 
 
+def tuned_config(rows: list[dict], k: int, n: int, b: int):
+    """The fastest swept config for [b, k] x [k, n]: among the swept batches with
+    the same padded rows as b (else all), the nearest; "fma" only for b = 1."""
+    from einpart.runtime.kernels import Int8MatmulConfig
+    from einpart.runtime.kernels.int8_matmul import padded_rows
+    ok = [r for r in rows if r["k"] == k and r["n"] == n and "ms" in r
+          and (b == 1 or r["config"]["mode"] != "fma")]
+    same = [r for r in ok if padded_rows(r["batch"]) == padded_rows(b)] or ok
+    near = min(abs(r["batch"] - b) for r in same)
+    best = min((r for r in same if abs(r["batch"] - b) == near), key=lambda r: r["ms"])
+    return Int8MatmulConfig(**best["config"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,64")
@@ -159,6 +175,8 @@ def main(argv=None) -> int:
     bad = [f for f in forms if f not in FORMS]
     if bad or "bf16" not in forms:
         ap.error(f"--forms takes bf16 and any of {', '.join(FORMS[1:])}; got {args.forms}")
+    if "i8-pallas-tuned" in forms and not args.sweep:
+        ap.error("--forms i8-pallas-tuned needs --sweep (it uses the sweep's fastest configs)")
     rng = np.random.default_rng(0)
     shapes = [(args.d, args.f), (args.f, args.d)] * args.layers
     i8 = [jnp.asarray(rng.integers(-127, 128, s, dtype=np.int8)) for s in shapes]
@@ -166,6 +184,7 @@ def main(argv=None) -> int:
     hbm = hbm_bandwidth(args.calls, args.bursts)
     bw = max(hbm.values())
     print("HBM " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in hbm.items()), flush=True)
+    swept = sweep(rng, args, bw) if args.sweep else []
     rows = []
     for b in [int(v) for v in args.batches.split(",")]:
         x = jnp.asarray(rng.standard_normal((b, args.d)) * 0.01, jnp.bfloat16)
@@ -173,12 +192,18 @@ def main(argv=None) -> int:
         for form in forms:
             ws = bf if form == "bf16" else i8
 
-            def step(x, ws, form=form):
+            tuned = {}
+            if form == "i8-pallas-tuned":
+                tuned = {s: tuned_config(swept, *s, b) for s in set(shapes)}
+
+            def step(x, ws, form=form, tuned=tuned):
                 for w in ws:
-                    x = product(form, x, w) * (1.0 / 64)
+                    x = product(form, x, w, tuned.get(tuple(w.shape))) * (1.0 / 64)
                 return x
             fn = jax.jit(step)
             row = {"batch": b, "form": form}
+            if tuned:
+                row["configs"] = {f"{k}x{n}": vars(c).copy() for (k, n), c in tuned.items()}
             try:
                 out = fn(x, ws)
                 ref = out if form == "i8-dot" else ref
@@ -193,25 +218,21 @@ def main(argv=None) -> int:
             row.update(ms=s * 1e3, weight_bytes=n_bytes, tb_per_s=n_bytes / s / 1e12, of_floor=n_bytes / bw / s,
                        vs_bf16=s / base, err_vs_i8_dot=rel_err(out, ref) if ref is not None else None)
             rows.append(row)
-    print(f"{'batch':>5}  {'form':10}  {'ms':>8}  {'TB/s':>6}  {'of floor':>8}  {'vs bf16':>7}  {'err':>7}")
+    print(f"{'batch':>5}  {'form':15}  {'ms':>8}  {'TB/s':>6}  {'of floor':>8}  {'vs bf16':>7}  {'err':>7}")
     for r in rows:
         if "error" in r:
-            print(f"{r['batch']:5d}  {r['form']:10}  {r['error'][:60]}")
+            print(f"{r['batch']:5d}  {r['form']:15}  {r['error'][:60]}")
             continue
         err = "" if r["err_vs_i8_dot"] is None else f"{r['err_vs_i8_dot']:.1e}"
-        print(f"{r['batch']:5d}  {r['form']:10}  {r['ms']:8.3f}  {r['tb_per_s']:6.2f}  "
+        print(f"{r['batch']:5d}  {r['form']:15}  {r['ms']:8.3f}  {r['tb_per_s']:6.2f}  "
               f"{100 * r['of_floor']:7.1f}%  {r['vs_bf16']:6.2f}x  {err:>7}")
     result = {"device": device(), "accelerator": jax.devices()[0].device_kind, "jax": jax.__version__, "versions": versions(),
               "command": " ".join(["python", "benchmarks/int8_matvec.py", *(argv or sys.argv[1:])]),
               "timing": f"median over {args.bursts} bursts of {args.calls} calls, one block per burst",
               "hbm_tb_per_s": {k: v / 1e12 for k, v in hbm.items()}, "floor_bandwidth_tb_per_s": bw / 1e12,
               "layers": args.layers, "d": args.d, "f": args.f,
-              "rows": rows}
-    path = write_result(result, f"int8-matvec-{jax.devices()[0].platform}", args.out)
-    print("wrote", path, flush=True)
-    if args.sweep:
-        result["sweep"] = sweep(rng, args, bw)
-        print("wrote", write_result(result, f"int8-matvec-{jax.devices()[0].platform}", str(path)))
+              "rows": rows, "sweep": swept}
+    print("wrote", write_result(result, f"int8-matvec-{jax.devices()[0].platform}", args.out))
     return 0
 
 
