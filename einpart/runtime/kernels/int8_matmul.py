@@ -75,17 +75,22 @@ def padded_rows(m: int) -> int:
 
 
 def default_config(m: int, k: int, n: int) -> Int8MatmulConfig:
-    """A config for [m, k] x [k, n]: 128-wide column strips, 128-deep K tiles
-    (256 for M > 16; smaller when K or N is small), and enough K splits that the grid holds
-    about TARGET_PROGRAMS programs, each still looping over >= 2 K tiles."""
+    """A config for [m, k] x [k, n], fitted to the H200 sweep of the two Llama-8B MLP
+    shapes (benchmarks/results/int8-matvec-h200-pallas8-sweep2.json): 128-wide column
+    strips; 128-deep K tiles for Mp <= 16 unless K >= 8192, else 256; K splits until the
+    grid holds about TARGET_PROGRAMS programs (each still >= 2 K tiles), except for
+    Mp > 16 when the column strips alone nearly fill the GPU (>= 96), where the f32
+    partials of a split cost more than the extra programs buy."""
     mp = padded_rows(m)
     block_n = min(128, max(16, _next_pow2(n)))
-    block_k = min(128 if mp <= 16 else 256, max(16, _next_pow2(k)))
+    block_k = min(128 if mp <= 16 and k < 8192 else 256, max(16, _next_pow2(k)))
     n_blocks = -(-n // block_n)
     k_steps = -(-k // block_k)
     splits = max(1, min(-(-TARGET_PROGRAMS // n_blocks), k_steps // 2))
+    if mp > 16 and n_blocks >= 96:
+        splits = 1
     return Int8MatmulConfig(block_n=block_n, block_k=block_k, splits=splits,
-                            num_warps=4, num_stages=4 if mp <= 16 else 3)
+                            num_warps=4, num_stages=4 if block_k <= 128 else 3)
 
 
 def _check_operands(x, w) -> tuple[int, int, int]:
@@ -168,8 +173,11 @@ def _pallas_product(x, w, m, k, n, cfg: Int8MatmulConfig, interpret: bool):
             k0 = (s * steps + i) * bk
             ks = k0 + jnp.arange(bk)
             k_ok = ks < k
-            xt = plgpu.load(x_ref.at[pl.ds(0, mp), pl.ds(k0, bk)],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if fma:  # row 0 loaded as [1, bk] (the Triton lowering has no slice of a loaded tile)
+                xt = plgpu.load(x_ref.at[pl.ds(0, 1), pl.ds(k0, bk)], mask=k_ok[None, :], other=0.0)
+            else:
+                xt = plgpu.load(x_ref.at[pl.ds(0, mp), pl.ds(k0, bk)],
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             wt = plgpu.load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)],
                             mask=k_ok[:, None] & col_ok[None, :], other=0)
             if cfg.convert == "magic":
@@ -177,7 +185,7 @@ def _pallas_product(x, w, m, k, n, cfg: Int8MatmulConfig, interpret: bool):
             else:
                 wf = wt.astype(jnp.float32 if fma else jnp.bfloat16)
             if fma:  # M == 1: elementwise FMAs into a [bk, bn] accumulator, summed over K once at the end
-                return acc + xt[0].astype(jnp.float32)[:, None] * wf
+                return acc + xt.astype(jnp.float32).reshape(bk, 1) * wf
             return acc + jnp.dot(xt, wf.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bk, bn) if fma else (mp, bn), jnp.float32))
