@@ -1,4 +1,4 @@
-"""How fast XLA runs a decode step's products with int8 weights (issue 7): the
+"""How fast a decode step's products run with int8 weights (issue 7): the
 lowering choice behind `--int8` decode at small batch.
 
 Eight layers of Llama-8B MLP products ([B,4096]x[4096,14336], then
@@ -8,15 +8,26 @@ storage, as layers=unroll stores them), timed for these forms:
   bf16        bf16 weights, one dot (the baseline of every row);
   i8-dot      int8 weights cast to bf16 inside the dot, as codegen.statements
               emits it (XLA fuses the cast into a Triton GEMM);
+  i8-pallas   int8 weights through einpart.runtime.kernels.int8_matmul (a
+              Pallas/Triton kernel streaming the int8 bytes; default config);
+  i8-pallas-tuned  the same kernel with, per weight shape, the fastest config of
+              this run's --sweep at the nearest swept batch (needs --sweep);
   i8-reduce   int8 weights, the product written as a broadcast multiply and a
-              sum over the contracted axis (XLA fuses the cast, multiply and
-              sum into one reduction kernel that reads the int8 bytes once).
+              sum over the contracted axis (one XLA reduction kernel).
 
-Each row prints the median time of one call, the weight bytes per second it
-reaches, its share of the HBM floor (weight bytes / measured copy bandwidth)
-and its time against bf16 at the same batch.
+Timing: a burst of --calls calls is dispatched and blocked on once, and the
+median over --bursts bursts of (burst time / calls) is reported, so host
+dispatch and the wait are not counted per call (the bandwidth probes are timed
+the same way). Each row prints the time of one call, the weight bytes per
+second it reaches, its share of the HBM floor (weight bytes / the larger of the
+measured copy and read-only bandwidths), its time against bf16 at the same batch, and its output's error
+against the i8-dot output (same function: int8 weights, f32 accumulation).
 
-    python benchmarks/int8_matvec.py [--batches 1,8,64] [--out FILE]
+--sweep first times the kernel's block configs on each product shape alone
+(8 weights of that shape) at --sweep-batches, and stores them under "sweep";
+the i8-pallas-tuned rows use its winners.
+
+    python benchmarks/int8_matvec.py [--batches 1,8,64] [--sweep] [--out FILE]
 """
 from __future__ import annotations
 
@@ -32,84 +43,195 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from plan import device, versions, write_result  # noqa: E402
 
-FORMS = ("bf16", "i8-dot", "i8-reduce")
+FORMS = ("bf16", "i8-dot", "i8-pallas", "i8-pallas-tuned", "i8-reduce")
+# (block_n, block_k, splits or None = as many as default_config's rule gives, num_warps, num_stages),
+# each tried with SWEEP_VARIANTS (convert, reduce; reduce only matters with splits > 1)
+SWEEP = ((128, 128, None, 4, 4), (128, 256, None, 4, 3), (256, 128, None, 8, 3), (128, 256, 1, 4, 3),
+         (128, 256, None, 8, 3))
+SWEEP_VARIANTS = (("direct", "partials"), ("magic", "partials"), ("magic", "atomic"))
+# M = 1 only: mode "fma" (block_n, block_k, num_warps, num_stages, convert), splits as above, reduce "atomic"
+SWEEP_FMA = ((128, 64, 4, 4, "magic"), (128, 64, 4, 4, "direct"), (256, 32, 4, 4, "magic"), (64, 64, 4, 6, "magic"))
 
 
-def product(form: str, x, w):
+def product(form: str, x, w, config=None):
     """x [B, d] times w [d, f] -> [B, f] bf16 in one of FORMS."""
     import jax.numpy as jnp
     if form == "bf16":
         return jnp.einsum("bd,df->bf", x, w, preferred_element_type=jnp.bfloat16)
     if form == "i8-dot":
         return jnp.einsum("bd,df->bf", x, w.astype(jnp.bfloat16), preferred_element_type=jnp.bfloat16)
+    if form in ("i8-pallas", "i8-pallas-tuned"):
+        from einpart.runtime.kernels import int8_matmul
+        return int8_matmul(x, w, config)
     prod = x[:, :, None].astype(jnp.float32) * w[None].astype(jnp.float32)
     return jnp.sum(prod, axis=1).astype(jnp.bfloat16)
 
 
-def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
-    """Bytes per second of a device copy (read + write), the floor's bandwidth."""
+def burst_seconds(fn, args, calls: int, bursts: int) -> float:
+    """Seconds per call: `calls` dispatched back to back, one block at the end."""
+    import jax
+    jax.block_until_ready(fn(*args))
+    per = []
+    for _ in range(bursts):
+        t = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per.append((time.perf_counter() - t) / calls)
+    return statistics.median(per)
+
+
+def hbm_bandwidth(calls: int, bursts: int, n_bytes: int = 1 << 30) -> dict:
+    """Bytes per second through HBM two ways (as calibrate.copy_bandwidth, burst-timed):
+    a copy-like scale (read + write) and a read-only sum (bytes read). The larger is
+    the floor's bandwidth: a product streaming its weights only reads."""
     import jax
     import jax.numpy as jnp
-    a = jnp.ones((n_bytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    jax.block_until_ready(f(a))
-    ts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        ts.append(time.perf_counter() - t)
-    return 2 * n_bytes / statistics.median(ts)
+    a = jax.random.normal(jax.random.key(3), (n_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * jnp.bfloat16(1.5))
+    read = jax.jit(lambda a: jnp.sum(a.reshape(-1, 4096), axis=0, dtype=jnp.float32))
+    return {"copy": 2 * n_bytes / burst_seconds(copy, (a,), calls, bursts),
+            "read": n_bytes / burst_seconds(read, (a,), calls, bursts)}
+
+
+def rel_err(y, ref) -> float:
+    import numpy as np
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def sweep(rng, args, bw: float) -> list[dict]:
+    """Each SWEEP config of the kernel on each product shape alone."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from einpart.runtime.kernels import Int8MatmulConfig, default_config, int8_matmul
+    from einpart.runtime.kernels.int8_matmul import TARGET_PROGRAMS, grid_programs
+    rows = []
+    for k, n in ((args.d, args.f), (args.f, args.d)):
+        ws = [jnp.asarray(rng.integers(-127, 128, (k, n), dtype=np.int8)) for _ in range(args.layers)]
+        n_bytes = args.layers * k * n
+        for b in [int(v) for v in args.sweep_batches.split(",")]:
+            x = jnp.asarray(rng.standard_normal((b, k)), jnp.bfloat16)
+            ref = jnp.einsum("bk,kn->bn", x, ws[0].astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+            cfgs = [default_config(b, k, n)]
+            for bn, bk, s, nw, st in SWEEP:
+                s = s or max(1, min(-(-TARGET_PROGRAMS // -(-n // bn)), -(-k // bk) // 2))
+                for conv, red in SWEEP_VARIANTS:
+                    if s > 1 or red == "partials":
+                        cfgs.append(Int8MatmulConfig(bn, bk, s, nw, st, conv, red))
+            for bn, bk, nw, st, conv in SWEEP_FMA if b == 1 else ():
+                s = max(1, min(-(-TARGET_PROGRAMS // -(-n // bn)), -(-k // bk) // 2))
+                cfgs.append(Int8MatmulConfig(bn, bk, s, nw, st, conv, "atomic", "fma"))
+            for cfg in cfgs:
+                row = {"batch": b, "k": k, "n": n, "config": vars(cfg).copy(),
+                       "programs": grid_programs(b, k, n, cfg)}
+                try:
+                    fn = jax.jit(lambda x, ws, cfg=cfg: tuple(int8_matmul(x, w, cfg) for w in ws))
+                    row["rel_err"] = rel_err(fn(x, ws)[0], ref)
+                    s = burst_seconds(fn, (x, ws), args.calls, args.bursts)
+                    row.update(ms=s * 1e3, tb_per_s=n_bytes / s / 1e12, of_floor=n_bytes / bw / s)
+                    print(f"sweep {k}x{n} b={b} {cfg}: {s * 1e3:.3f} ms {n_bytes / s / 1e12:.2f} TB/s "
+                          f"err {row['rel_err']:.1e}", flush=True)
+                except Exception as e:  # a config the lowering refuses stays in the table as an error
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"sweep {k}x{n} b={b} {cfg}: {row['error']}", flush=True)
+                rows.append(row)
+    return rows
+
+
+def tuned_config(rows: list[dict], k: int, n: int, b: int):
+    """The fastest swept config for [b, k] x [k, n]: among the swept batches with
+    the same padded rows as b (else all), the nearest; "fma" only for b = 1."""
+    from einpart.runtime.kernels import Int8MatmulConfig
+    from einpart.runtime.kernels.int8_matmul import padded_rows
+    ok = [r for r in rows if r["k"] == k and r["n"] == n and "ms" in r
+          and (b == 1 or r["config"]["mode"] != "fma")]
+    same = [r for r in ok if padded_rows(r["batch"]) == padded_rows(b)] or ok
+    near = min(abs(r["batch"] - b) for r in same)
+    best = min((r for r in same if abs(r["batch"] - b) == near), key=lambda r: r["ms"])
+    return Int8MatmulConfig(**best["config"])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--f", type=int, default=14336)
-    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--calls", type=int, default=20, help="calls per timed burst")
+    ap.add_argument("--bursts", type=int, default=5, help="timed bursts (the median is reported)")
+    ap.add_argument("--sweep", action="store_true", help="also time the kernel's block configs")
+    ap.add_argument("--sweep-batches", default="1,64")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    forms = [f for f in args.forms.split(",") if f]
+    bad = [f for f in forms if f not in FORMS]
+    if bad or "bf16" not in forms:
+        ap.error(f"--forms takes bf16 and any of {', '.join(FORMS[1:])}; got {args.forms}")
+    if "i8-pallas-tuned" in forms and not args.sweep:
+        ap.error("--forms i8-pallas-tuned needs --sweep (it uses the sweep's fastest configs)")
     rng = np.random.default_rng(0)
     shapes = [(args.d, args.f), (args.f, args.d)] * args.layers
     i8 = [jnp.asarray(rng.integers(-127, 128, s, dtype=np.int8)) for s in shapes]
     bf = [w.astype(jnp.bfloat16) for w in i8]
-    bw = copy_bandwidth()
+    hbm = hbm_bandwidth(args.calls, args.bursts)
+    bw = max(hbm.values())
+    print("HBM " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in hbm.items()), flush=True)
+    swept = sweep(rng, args, bw) if args.sweep else []
     rows = []
     for b in [int(v) for v in args.batches.split(",")]:
         x = jnp.asarray(rng.standard_normal((b, args.d)) * 0.01, jnp.bfloat16)
-        base = None
-        for form in FORMS:
+        base = ref = None
+        for form in forms:
             ws = bf if form == "bf16" else i8
 
-            def step(x, ws, form=form):
+            tuned = {}
+            if form == "i8-pallas-tuned":
+                tuned = {s: tuned_config(swept, *s, b) for s in set(shapes)}
+
+            def step(x, ws, form=form, tuned=tuned):
                 for w in ws:
-                    x = product(form, x, w) * (1.0 / 64)
+                    x = product(form, x, w, tuned.get(tuple(w.shape))) * (1.0 / 64)
                 return x
             fn = jax.jit(step)
-            jax.block_until_ready(fn(x, ws))
-            ts = []
-            for _ in range(args.calls):
-                t = time.perf_counter()
-                jax.block_until_ready(fn(x, ws))
-                ts.append(time.perf_counter() - t)
-            s = statistics.median(ts)
+            row = {"batch": b, "form": form}
+            if tuned:
+                row["configs"] = {f"{k}x{n}": vars(c).copy() for (k, n), c in tuned.items()}
+            try:
+                out = fn(x, ws)
+                ref = out if form == "i8-dot" else ref
+                s = burst_seconds(fn, (x, ws), args.calls, args.bursts)
+            except Exception as e:  # e.g. the kernel does not lower on this platform
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(b, form, row["error"], flush=True)
+                rows.append(row)
+                continue
             n_bytes = sum(int(w.size) * w.dtype.itemsize for w in ws)
             base = s if form == "bf16" else base
-            rows.append({"batch": b, "form": form, "ms": s * 1e3, "weight_bytes": n_bytes,
-                         "tb_per_s": n_bytes / s / 1e12, "of_floor": n_bytes / bw / s, "vs_bf16": s / base})
-    print(f"{'batch':>5}  {'form':10}  {'ms':>8}  {'TB/s':>6}  {'of floor':>8}  {'vs bf16':>7}")
+            row.update(ms=s * 1e3, weight_bytes=n_bytes, tb_per_s=n_bytes / s / 1e12, of_floor=n_bytes / bw / s,
+                       vs_bf16=s / base, err_vs_i8_dot=rel_err(out, ref) if ref is not None else None)
+            rows.append(row)
+    print(f"{'batch':>5}  {'form':15}  {'ms':>8}  {'TB/s':>6}  {'of floor':>8}  {'vs bf16':>7}  {'err':>7}")
     for r in rows:
-        print(f"{r['batch']:5d}  {r['form']:10}  {r['ms']:8.3f}  {r['tb_per_s']:6.2f}  "
-              f"{100 * r['of_floor']:7.1f}%  {r['vs_bf16']:6.2f}x")
+        if "error" in r:
+            print(f"{r['batch']:5d}  {r['form']:15}  {r['error'][:60]}")
+            continue
+        err = "" if r["err_vs_i8_dot"] is None else f"{r['err_vs_i8_dot']:.1e}"
+        print(f"{r['batch']:5d}  {r['form']:15}  {r['ms']:8.3f}  {r['tb_per_s']:6.2f}  "
+              f"{100 * r['of_floor']:7.1f}%  {r['vs_bf16']:6.2f}x  {err:>7}")
     result = {"device": device(), "accelerator": jax.devices()[0].device_kind, "jax": jax.__version__, "versions": versions(),
               "command": " ".join(["python", "benchmarks/int8_matvec.py", *(argv or sys.argv[1:])]),
-              "copy_bandwidth_tb_per_s": bw / 1e12, "layers": args.layers, "d": args.d, "f": args.f,
-              "rows": rows}
+              "timing": f"median over {args.bursts} bursts of {args.calls} calls, one block per burst",
+              "hbm_tb_per_s": {k: v / 1e12 for k, v in hbm.items()}, "floor_bandwidth_tb_per_s": bw / 1e12,
+              "layers": args.layers, "d": args.d, "f": args.f,
+              "rows": rows, "sweep": swept}
     print("wrote", write_result(result, f"int8-matvec-{jax.devices()[0].platform}", args.out))
     return 0
 
