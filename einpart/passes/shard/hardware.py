@@ -113,17 +113,18 @@ TPU_V4_TORUS = replace(TPU_V4, name="tpu-v4-torus", link=Link(90e9, 1e-6), combi
 # then reads (H200 HLO, benchmarks/results/convert-h200-20261202.json).
 # int8_gemm_bytes: a weight stored as its own array (layers="unroll",
 # per-layer storage) is cast inside the Triton GEMM (HLO gemm_fusion_dot with
-# parameter s8[4096,14336]), and that GEMM reads int8 at about half the bytes
-# per second of bf16: 8 layers of [B,4096]x[4096,14336] and back took 0.974x
-# (B=1) and 0.977x (B=64) the bf16 GEMMs' time (0.757x at B=8) on one H200
-# (benchmarks/int8_matvec.py, results/int8-matvec-h200-20261202-1253.json),
-# so an int8 element costs 2 x 0.974 = 1.95 bf16-rate bytes (the B=1 row,
-# decode's). The H100 takes the H200's figure (same Hopper GEMM path; not
-# measured on an H100).
+# parameter s8[4096,14336]), and that GEMM reads int8 at under half the bytes
+# per second of bf16: 8 layers of [B,4096]x[4096,14336] and back took 1.170x
+# (B=1), 0.824x (B=8) and 0.959x (B=64) the bf16 GEMMs' time on one H200, each
+# form timed as bursts of calls (benchmarks/int8_matvec.py,
+# results/int8-matvec-h200-pallas8-sweep2.json; the first run, timed call by
+# call, had about 0.35 ms of dispatch in every figure and gave 0.974x), so an
+# int8 element costs 2 x 1.170 = 2.34 bf16-rate bytes (the B=1 row, decode's).
+# The H100 takes the H200's figure (same Hopper GEMM path; not measured on an H100).
 H100 = Hardware(
     name="h100", flops_bf16=989e12, flops_int8=1979e12, hbm_bandwidth=3.35e12, hbm_bytes=80e9,
     link=Link(450e9, 2e-6), combine="min", node_size=8, inter_node=Link(50e9, 5e-6), kernel_s=1.9e-6,
-    convert_kernel=True, int8_gemm_bytes=1.95, platform="cuda",
+    convert_kernel=True, int8_gemm_bytes=2.34, platform="cuda",
     source="NVIDIA H100 SXM datasheet (dense); scaling book GPU chapter; kernel_s, int8_gemm_bytes: the H200's")
 # H200: measured on one NVIDIA H200 (device tool, JAX 0.11.2, 2026-12-02) by
 # benchmarks/calibrate.py, file benchmarks/results/hardware-h200.toml: bf16
