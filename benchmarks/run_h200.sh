@@ -80,7 +80,7 @@ fi
 if [ "$stage" = 8 ]; then
   # the GPU-only lowerings against the reference; generate with 32 decode steps per compiled call
   HW=benchmarks/results/hardware-h200.toml
-  timeout 150 python3 benchmarks/gpu_check.py --out "$OUT/gpu-check-h200.json" 2>&1 | tee -a "$OUT/run.log"
-  timeout 300 python3 benchmarks/decode.py --batches 1 --prefill none --layers auto --baseline "" --generate 64 \
+  timeout 110 python3 benchmarks/gpu_check.py --out "$OUT/gpu-check-h200.json" 2>&1 | tee -a "$OUT/run.log"
+  timeout 140 python3 benchmarks/decode.py --batches 1 --prefill none --layers auto --baseline "" --generate 64 \
     --hardware "$HW" --tag=-run8 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
 fi
