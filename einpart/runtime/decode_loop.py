@@ -60,6 +60,7 @@ def generate_on_device(ex, first_token, max_new: int, steps: int, temperature: f
 
     batch = first_token.shape[0]
     fn = compiled_loop(ex, batch, steps, temperature, top_k)
+    base_key = ex._put(np.asarray(base_key), P())     # on the mesh, as every other argument
     token, done, out = first_token, 1, []
     while done < max_new:
         count = min(steps, max_new - done)
