@@ -142,7 +142,7 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
     prep_specs = decl_specs(progs["prefill"], "param")
     sspecs = decl_specs(progs["prefill"], "state", per_layer)
     other = decl_specs(progs["decode"], "state", per_layer)
-    layered = {n: L for n, L in stacked_decls(progs["prefill"]).items() if per_layer}
+    layered = stacked_decls(progs["prefill"]) if per_layer else {}
     for n in sorted(set(sspecs) | set(other)):
         if sspecs.get(n) != other.get(n):
             raise EinpartError(f"prefill and decode must share one cache layout: '{n}' is "
@@ -204,8 +204,7 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
                                                          for n, v in items.items()) + "},")
         lines.append("}")
     emitters = [PrepareProgram(full["prefill"], prepared, layers)] + [
-        StepProgram(pg, p, layers, given, attention, platform, per_layer)
-        for p, pg in progs.items()]
+        StepProgram(pg, p, layers, given, attention, platform) for p, pg in progs.items()]
     bodies = [e.emit() for e in emitters]
     if any(e.uses_pmax for e in emitters):
         lines[lines.index("import jax")] = "import functools\n\nimport jax"

@@ -24,13 +24,11 @@ class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter, AttentionEm
     """One generated function: `name(params, state, inputs, pos)` for a single-phase planned graph."""
 
     def __init__(self, graph: g.Graph, name: str, layers: str, given: dict | None = None,
-                 attention: str = "einsum", platform: str | None = None, per_layer: bool = False):
+                 attention: str = "einsum", platform: str | None = None):
         self.graph = graph
-        # per-layer storage: a stacked weight or state is a tuple of the layers' arrays
-        # (layers="unroll" only: a scan needs the stacked array)
-        if per_layer and layers != "unroll":
-            raise ValueError("per-layer storage needs unrolled layers")
-        self.per_layer = per_layer
+        # unrolled, a stacked weight or state is a tuple of the layers' arrays (lower.py's
+        # PER_LAYER); a scan needs the stacked array
+        self.per_layer = layers == "unroll"
         # weights passed in another layout than this program declares (a two-phase plan
         # whose phases lay a prepared weight out differently): moved when loaded
         self.given = {n: lay for n, lay in (given or {}).items()
