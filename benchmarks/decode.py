@@ -83,12 +83,14 @@ def dump(path: Path | None, name: str, compiled) -> None:
         f.write(compiled.as_text())
 
 
-def generate_rows(ex, name: str, vocab: int, n: int, floor_s: float) -> list:
-    """ms per generated token of ex.generate at batch 1 (8-token prompt), greedy, from
+def generate_rows(ex, name: str, vocab: int, n: int, floor_s: float, batch: int, predicted_s: float) -> list:
+    """ms per generated token of ex.generate at `batch` (8-token prompts), greedy, from
     ex.timing's decode time: one compiled call per token (steps_per_call=1, a host
-    round trip per token) and 32 per call; the first run of each compiles."""
+    round trip per token) and 32 per call; the first run of each compiles. The 32-step
+    rows carry the cost model's decode step as their prediction (it prices no host
+    round trip, which the one-step rows pay)."""
     import numpy as np
-    prompt = np.random.default_rng(1).integers(0, vocab, (1, 8)).astype(np.int32)
+    prompt = np.random.default_rng(batch).integers(0, vocab, (batch, 8)).astype(np.int32)
     rows, tokens = [], {}
     for spc in (1, 32):
         ex.generate(prompt, n, steps_per_call=spc)
@@ -98,13 +100,48 @@ def generate_rows(ex, name: str, vocab: int, n: int, floor_s: float) -> list:
             tokens[spc] = ex.generate(prompt, n, steps_per_call=spc)
             runs.append((ex.timing.decode_s - before[0]) / (ex.timing.decode_steps - before[1]))
         t = statistics.median(runs)
-        rows.append({"impl": name, "phase": f"gen-spc{spc}", "batch": 1, "ms": t * 1e3, "tokens": n,
+        rows.append({"impl": name, "phase": f"gen-spc{spc}", "batch": batch, "ms": t * 1e3, "tokens": n,
                      "floor_ms": floor_s * 1e3, "vs_host_loop": t * 1e3 / rows[0]["ms"] if rows else 1.0})
-        print(f"{name:22s} generate {n} tokens, {spc:2d} steps per call: {t * 1e3:8.2f} ms/token", flush=True)
+        print(f"{name:22s} generate b={batch} {n} tokens, {spc:2d} steps per call: {t * 1e3:8.2f} ms/token",
+              flush=True)
+    rows[-1]["predicted_ms"] = predicted_s * 1e3
     rows[-1]["same_tokens"] = bool((tokens[1] == tokens[32]).all())
     print(f"{name:22s} 32 steps per call / host loop: {rows[-1]['vs_host_loop']:.2f}x, same tokens: "
           f"{rows[-1]['same_tokens']}", flush=True)
     return rows
+
+
+def plain_generate_ms(jax, step, params, state, token, pos: int, n: int, steps: int = 32) -> float:
+    """ms per token of plain JAX generating n tokens greedily with `steps` decode steps
+    per jitted call (a lax.fori_loop feeding each argmax back, the cache donated), the
+    same loop einpart's steps_per_call=32 runs; the median of 3 after a compiling run."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    def loop(params, state, token, pos):
+        def body(i, carry):
+            state, token, out = carry
+            logits, state = step(params, state, token[:, None], pos + i)
+            token = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+            return state, token, lax.dynamic_update_slice(out, token[:, None], (0, i))
+        out = jnp.zeros((token.shape[0], steps), jnp.int32)
+        state, _, out = lax.fori_loop(0, steps, body, (state, token, out))
+        return out, state
+    fn = jax.jit(loop, donate_argnums=(1,))
+    holder = {"state": state}
+
+    def run():
+        tok = token
+        for c in range(n // steps):
+            chunk, holder["state"] = fn(params, holder["state"], tok, jnp.int32(pos + c * steps))
+            tok = jnp.asarray(np.asarray(chunk)[:, -1])      # to the host and back, as einpart's loop does
+    run()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / (n // steps * steps) * 1e3
 
 
 def main(argv=None) -> int:
@@ -121,8 +158,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hardware", default="h200", help="preset or file the predicted times are priced on")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--generate", type=int, default=0, metavar="N",
-                    help="also time Executable.generate of N tokens at batch 1, one call per token (the host "
-                         "loop) against 32 decode steps per compiled call (runtime/decode_loop.py)")
+                    help="also time Executable.generate of N tokens (ms per step) at each batch, one call per "
+                         "token (the host loop) against 32 decode steps per compiled call "
+                         "(runtime/decode_loop.py); plain JAX runs the same 32-step loop")
     ap.add_argument("--einpart", default=str(HERE.parent), help="the einpart checkout to import")
     ap.add_argument("--label", default="einpart", help="name of the einpart rows")
     ap.add_argument("--dump-hlo", default="", help="folder for optimised HLO of decode programs")
@@ -242,8 +280,8 @@ def main(argv=None) -> int:
                   f"{predicted * 1e3:.2f} ms (compile {compile_s:.1f} s; attention {rows[-1]['attention']})",
                   flush=True)
             del holder
-        if args.generate:
-            rows += generate_rows(ex, name, sizes["V"], args.generate, (step_weight_bytes + kv_bytes(1)) / hbm)
+            if args.generate:
+                rows += generate_rows(ex, name, sizes["V"], args.generate, floor, b, predicted)
         if prefill_b:
             start = time.perf_counter()
             prog = ex.compiled("prefill", prefill_b, prefill_p)
@@ -306,8 +344,15 @@ def main(argv=None) -> int:
             print(f"plain-{mode:16s} decode b={b:<3d} {t * 1e3:8.2f} ms  floor {floor * 1e3:.2f} ms "
                   f"(compile {compile_s:.1f} s)", flush=True)
             del holder
-        if args.generate:
-            rows += generate_rows(ex, name, sizes["V"], args.generate, (step_weight_bytes + kv_bytes(1)) / hbm)
+            if args.generate:
+                state = {"k_cache": jnp.zeros(shape, jnp.bfloat16), "v_cache": jnp.zeros(shape, jnp.bfloat16)}
+                ms = plain_generate_ms(jax, make_step(scan=(mode == "scan"), cache_order=args.cache_order or "bgsk"),
+                                       params, state, tok[:, 0], 8, args.generate)
+                rows.append({"impl": f"plain-{mode}", "phase": "gen-spc32", "batch": b, "ms": ms,
+                             "tokens": args.generate, "floor_ms": floor * 1e3})
+                print(f"plain-{mode:16s} generate b={b} {args.generate} tokens, 32 steps per call: {ms:8.2f} "
+                      f"ms/token", flush=True)
+                del state
         if prefill_b:
             shape = cache_shape(prefill_b)
             holder = {"state": {"k_cache": jnp.zeros(shape, jnp.bfloat16), "v_cache": jnp.zeros(shape, jnp.bfloat16)}}

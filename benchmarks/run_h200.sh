@@ -84,3 +84,14 @@ if [ "$stage" = 8 ]; then
   timeout 140 python3 benchmarks/decode.py --batches 1 --prefill none --layers auto --baseline "" --generate 64 \
     --hardware "$HW" --tag=-run8 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
 fi
+if [ "$stage" = 9 ]; then
+  # generate with 32 decode steps per compiled call at b=1 and b=64, bf16 and int8, against plain JAX
+  # running the same 32-step loop; then compile time and speed at 64 layers (AUTO_UNROLL_LAYERS)
+  HW=benchmarks/results/hardware-h200.toml
+  timeout 220 python3 benchmarks/decode.py --batches 1,64 --prefill none --layers unroll --int8 unroll --baseline "" \
+    --generate 64 --hardware "$HW" --tag=-run9 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  timeout 200 python3 benchmarks/decode.py --batches 1,64 --prefill none --layers "" --baseline unroll \
+    --generate 64 --hardware "$HW" --tag=-run9-plain --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  timeout 170 python3 benchmarks/decode.py --set L=64 --batches 1 --prefill 8x2048 --layers unroll,scan --baseline "" \
+    --steps 10 --hardware "$HW" --tag=-run9-L64 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+fi
