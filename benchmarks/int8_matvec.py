@@ -55,22 +55,13 @@ from einpart.runtime.kernels.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS  # noqa:
 FORMS = ("bf16", "i8-dot", "i8-pallas", "i8-pallas-tuned", "i8-reduce", "i8-gemv", "i8-gemv-tuned")
 # the products of a Llama-8B decode step: wq and wo, wk and wv, w_gate and w_up, w_down, the lm head
 GEMV_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096,4096x128256"
-# int8_gemv configs swept at M = 1 (block_n, block_k, unroll, num_warps, num_stages, convert, layout,
-# programs the K splits aim at); the first is default_gemv_config's form
-GEMV_SWEEP = ((256, 16, 4, 4, 1, "magic", "i8", 528), (256, 16, 4, 4, 1, "direct", "i8", 528),
-              (256, 16, 4, 4, 1, "magic", "i32", 528), (256, 32, 2, 4, 1, "magic", "i8", 528),
-              (512, 16, 2, 8, 1, "magic", "i8", 528), (128, 32, 4, 4, 1, "magic", "i8", 528),
-              (256, 16, 8, 4, 1, "magic", "i8", 528), (256, 16, 4, 4, 3, "magic", "i8", 528),
-              (256, 16, 4, 4, 1, "magic", "i8", 264), (256, 16, 4, 4, 1, "magic", "i8", 1056))
-# at M > 1: the default and the i32 view
-GEMV_SWEEP_ROWS = ((None, None, None, 4, 1, "magic", "i8", 528), (256, None, 4, 4, 1, "magic", "i32", 528))
-# (block_n, block_k, splits or None = as many as default_config's rule gives, num_warps, num_stages),
-# each tried with SWEEP_VARIANTS (convert, reduce; reduce only matters with splits > 1)
-SWEEP = ((128, 128, None, 4, 4), (128, 256, None, 4, 3), (256, 128, None, 8, 3), (128, 256, 1, 4, 3),
-         (128, 256, None, 8, 3))
-SWEEP_VARIANTS = (("direct", "partials"), ("magic", "partials"), ("magic", "atomic"))
-# M = 1 only: mode "fma" (block_n, block_k, num_warps, num_stages, convert), splits as above, reduce "atomic"
-SWEEP_FMA = ((128, 64, 4, 4, "magic"), (128, 64, 4, 4, "direct"), (256, 32, 4, 4, "magic"), (64, 64, 4, 6, "magic"))
+# int8_gemv configs swept at M = 1 beside default_gemv_config (block_n, block_k, unroll, num_warps,
+# num_stages, convert, layout, programs the K splits aim at)
+GEMV_SWEEP = ((512, 16, 2, 8, 1, "magic", "i8", 1056), (512, 16, 4, 8, 1, "magic", "i8", 528),
+              (256, 16, 8, 4, 1, "magic", "i8", 1056), (512, 16, 2, 8, 1, "magic", "i32", 528),
+              (512, 32, 1, 8, 1, "magic", "i8", 528))
+# at M > 1: the default only
+GEMV_SWEEP_ROWS = ()
 
 
 def product(form: str, x, w, config=None):
@@ -168,10 +159,9 @@ def gemv_configs(b: int, k: int, n: int) -> list:
     """The int8_gemv configs swept for [b, k] x [k, n]."""
     import dataclasses
     from einpart.runtime.kernels.int8_gemv import Int8GemvConfig, default_gemv_config, split_for
-    base = default_gemv_config(b, k, n)
-    out = []
+    out = [default_gemv_config(b, k, n)]
     for bn, bk, un, nw, st, conv, lay, target in (GEMV_SWEEP if b == 1 else GEMV_SWEEP_ROWS):
-        c = Int8GemvConfig(bn or base.block_n, bk or base.block_k, un or base.unroll, 1, nw, st, conv, lay)
+        c = Int8GemvConfig(min(bn, max(16, 1 << (n - 1).bit_length())), bk, un, 1, nw, st, conv, lay)
         out.append(dataclasses.replace(c, splits=split_for(k, n, c, target)))
     return out
 

@@ -90,12 +90,20 @@ def split_for(k: int, n: int, cfg: Int8GemvConfig, target: int = TARGET_PROGRAMS
 
 
 def default_gemv_config(m: int, k: int, n: int) -> Int8GemvConfig:
-    """The config for [m, k] x [k, n]: 256-column strips of i8 tiles, 16-row tiles
-    (8 for 5..8 rows, to bound the per-row accumulators' registers), 4 tiles a step,
-    and K splits until the grid holds about TARGET_PROGRAMS programs."""
-    block_n = min(256, max(16, _next_pow2(n)))
-    block_k = 16 if m <= 4 else 8
-    base = Int8GemvConfig(block_n=block_n, block_k=block_k)
+    """The config for [m, k] x [k, n]: 512-column strips, 8 warps, one 32-row tile a
+    step (16 rows for 2 rows of x, 8 for 3..4, 4 above: the per-row accumulators'
+    registers), K splits until the grid holds about TARGET_PROGRAMS programs.
+
+    From the H200 sweeps of the Llama-8B decode shapes at M = 1 (benchmarks/results/
+    int8-matvec-h200-int8kernel{1,2}-sweep.log): in sweep 2 this config was within
+    0.0006 ms of the fastest config of each shape and the fastest for 4096 x 1024
+    (0.0074 ms) and the lm head 4096 x 128256 (0.159 ms, 3.3 TB/s); the MLP products
+    took 0.024-0.025 ms (2.4 TB/s) against 0.032 for bf16. The default the decode run
+    of sweep 2 used (16-row tiles, 2 a step; 256 columns and 4 warps below 2**25
+    elements) took 0.0141 ms for 4096 x 1024 and 0.176 for the lm head."""
+    block_n = min(512, max(16, _next_pow2(n)))
+    block_k = 32 if m == 1 else max(4, 32 // _next_pow2(m))
+    base = Int8GemvConfig(block_n=block_n, block_k=block_k, unroll=1, num_warps=8)
     return dataclasses.replace(base, splits=split_for(k, n, base))
 
 
