@@ -84,3 +84,14 @@ if [ "$stage" = 8 ]; then
   timeout 140 python3 benchmarks/decode.py --batches 1 --prefill none --layers auto --baseline "" --generate 64 \
     --hardware "$HW" --tag=-run8 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
 fi
+if [ "$stage" = 9 ]; then
+  # int8 weight products through the Pallas GEMV kernel (codegen int8_matmul=auto: the kernel at decode
+  # batch 1, XLA's int8 GEMM at 64) against int8_matmul=xla and bf16; the products alone first
+  HW=benchmarks/results/hardware-h200.toml
+  timeout 120 python3 benchmarks/int8_matvec.py --batches 1,2,8 --forms bf16,i8-dot,i8-gemv \
+    --out "$OUT/int8-matvec-h200-gemv.json" 2>&1 | tee -a "$OUT/run.log"
+  timeout 150 python3 benchmarks/decode.py --batches 1 --prefill none --layers unroll --int8 unroll \
+    --int8-matmul xla,auto --baseline "" --cache-order bgsk --hardware "$HW" --tag=-run9-b1 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+  timeout 200 python3 benchmarks/decode.py --batches 64 --prefill none --layers unroll --int8 unroll \
+    --int8-matmul xla,auto --baseline "" --cache-order bgsk --hardware "$HW" --tag=-run9-b64 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+fi
