@@ -86,7 +86,7 @@ def test_bf16_kernel_program_matches_einsum_program():
     planned = simple_plan(graph, {"x": 2})
     steps = np.random.default_rng(3).integers(0, 256, (2, 3)).astype(np.int32)
     with interpreted():
-        got = [Executable(planned, weights=params, layers="unroll", dtype="bf16", int8_matmul=m)
+        got = [Executable(planned, weights=params, layers="scan", dtype="bf16", int8_matmul=m)
                for m in ("pallas", "xla")]
         assert CALL in got[0].source() and CALL not in got[1].source()
         logits = [ex.prefill(steps[:, :1].repeat(8, axis=1)) for ex in got]
