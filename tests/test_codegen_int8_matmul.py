@@ -161,3 +161,7 @@ def test_unknown_int8_matmul_mode():
     with pytest.raises(EinpartError) as e:
         Executable(planned, weights=params, int8_matmul="triton", compile=False)
     assert str(e.value) == msg
+    import einpart
+    with pytest.raises(EinpartError) as e:
+        einpart.compile(spec_path("llama"), mesh="2", plan="simple", int8_matmul="triton")
+    assert str(e.value) == msg
