@@ -4,8 +4,8 @@ step (M = 1..MAX_ROWS), as a Pallas (Triton) kernel with no tensor-core dot.
 Why: at decode batch 1 a product is bound by reading its weight, and int8 weights
 should halve that read. XLA's fused s8->bf16 GEMM and the tl.dot kernel of
 int8_matmul.py both read int8 at about 2 TB/s (half of HBM; benchmarks/int8_matvec.py),
-so int8 bought nothing. The dot needs 16 rows and an operand layout that an int8
-tile reaches only through shared memory. This kernel has neither. Each program owns
+so int8 bought nothing. The dot pads x to 16 rows and (suspected in notes/pallas8.md,
+not proven) takes the int8 tile through shared memory. This kernel has no dot. Each program owns
 a [block_n] column strip and one K range, and per loop step loads `unroll` int8 tiles
 [block_k, block_n]. It converts each tile to f32 in registers and adds x[k] * w[k, n]
 elementwise into one f32 accumulator [block_k, block_n] per row of x. The K sum runs
@@ -17,14 +17,20 @@ Two weight views, both of the same bytes (no copy, no repacking at load time):
 - "i32": the weight bitcast to int32 [K, N / 4] (4 adjacent columns per word). Each
   word is XORed with 0x80808080 (v + 128, as unsigned bytes), and byte i becomes
   f32 bits 0x4B000000 | byte, minus 2**23 + 128: shifts and masks on whole words, no
-  per-byte sign extension. Accumulator i holds columns 4c + i; they are stored strided.
+  per-byte sign extension. Accumulator i holds columns 4c + i: the kernel writes f32
+  [splits, M, 4, N / 4] and the XLA epilogue sums and interleaves them.
 
 Split-K: with `splits` > 1 each split writes f32 partials [splits, M, N], and XLA sums
 them. That reduction fuses with the product's consumer (the int8 scale multiply).
 
+On the H200 at M = 1 (benchmarks/int8_matvec.py) it reads int8 at 2.4 TB/s in the
+Llama-8B MLP products and 3.3 TB/s in the lm head, and 8 layers of MLP products take
+0.76x the bf16 GEMMs' time. At M = 2 it is slower than XLA's int8 GEMM (the per-row
+accumulators' registers and FMAs), so codegen's int8_matmul="auto" uses it for one row.
+
 On platforms other than GPU, with `interpret` False, the product runs as the jnp
-reference (int8_gemv_reference). `interpret=True` runs the Pallas kernel in the
-interpreter on any platform; the CPU tests do that.
+reference (int8_gemv_reference). `interpret=True`, or the interpreted() context, runs
+the Pallas kernel in the interpreter on any platform; the CPU tests do that.
 """
 from __future__ import annotations
 
