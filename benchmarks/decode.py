@@ -65,6 +65,12 @@ def random_weights(expected: dict, dtype, seed: int = 0) -> dict:
     return out
 
 
+def kernel_calls(source: str, program: str) -> int:
+    """How many int8_gemv calls (codegen/int8_matmul.py) a generated program makes."""
+    start = source.index(f"\ndef {program}(")
+    return source[start:source.index("\ndef ", start + 1)].count("int8_gemv(")
+
+
 def attention_used(source: str, program: str) -> str:
     """How a generated program computes attention: the fused calls' implementations, else einsum."""
     start = source.index(f"\ndef {program}(")
@@ -155,6 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="einsum", help="attention lowerings, e.g. einsum,cudnn")
     ap.add_argument("--baseline", default="unroll,scan")
     ap.add_argument("--int8", default="", help="layer modes to run again with the int8 pass (weights int8)")
+    ap.add_argument("--int8-matmul", default="xla",
+                    help="int8 product lowerings for the --int8 rows, e.g. xla,pallas (codegen/int8_matmul.py); "
+                         "rows of one other than xla are named with it (einpart-int8-unroll-pallas)")
     ap.add_argument("--hardware", default="h200", help="preset or file the predicted times are priced on")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--generate", type=int, default=0, metavar="N",
@@ -237,14 +246,16 @@ def main(argv=None) -> int:
         return 2 * n_matmul * b * p + 4 * L * b * p * p * H * K
 
     modes = [a for a in args.attention.split(",") if a]
-    variants = [(m, False, a) for m in args.layers.split(",") if m for a in modes] + [
-        (m, True, a) for m in args.int8.split(",") if m for a in modes]
-    for layers, int8, attention in variants:
-        name = f"{args.label}{'-int8' if int8 else ''}-{layers}" + ("" if attention == "einsum" else f"-{attention}")
+    variants = [(m, False, a, "xla") for m in args.layers.split(",") if m for a in modes] + [
+        (m, True, a, im) for m in args.int8.split(",") if m for a in modes
+        for im in args.int8_matmul.split(",") if im]
+    for layers, int8, attention, int8_matmul in variants:
+        name = (f"{args.label}{'-int8' if int8 else ''}-{layers}" + ("" if attention == "einsum" else f"-{attention}")
+                + ("" if int8_matmul == "xla" else f"-{int8_matmul}"))
         start = time.perf_counter()
         g8 = build_graph(int8)
         ex = Executable(g8, {"x": 1}, layers=layers, weights=weights, compile=False, prefill_len=prefill_p or 1,
-                        attention=attention)
+                        attention=attention, int8_matmul=int8_matmul)
         jax.block_until_ready(ex.params)
         build_s = time.perf_counter() - start
         step_weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(ex.params))
@@ -257,7 +268,7 @@ def main(argv=None) -> int:
             pg = split_prepare(ex._programs_for(b, ex.prefill_len)["decode"])[0]
             used = attention_used(ex.source(b, ex.prefill_len), "decode")
             predicted = price_graph(pg, args.hardware, "decode", layers=resolve_layers(layers, pg),
-                                    attention=used).step_s
+                                    attention=used, int8_matmul=int8_matmul).step_s
             module = ex.module(b, ex.prefill_len)
             tok = ex._put(np.random.default_rng(b).integers(0, sizes["V"], (b, 1)).astype(np.int32),
                           module.INPUT_SPECS["decode"][ex.axes.tokens])
@@ -273,11 +284,13 @@ def main(argv=None) -> int:
             rows.append({"impl": name, "phase": "decode", "batch": b, "ms": t * 1e3, "floor_ms": floor * 1e3,
                          "predicted_ms": predicted * 1e3, "compile_s": compile_s, "build_s": build_s,
                          "step_weight_bytes": step_weight_bytes,
-                         "attention": used})
+                         "attention": used, "int8_matmul": int8_matmul,
+                         "int8_kernel_calls": kernel_calls(ex.source(b, ex.prefill_len), "decode")})
             if b == batches[0]:
                 ready["decode_s"] = compile_s
             print(f"{name:22s} decode b={b:<3d} {t * 1e3:8.2f} ms  floor {floor * 1e3:.2f} ms  predicted "
-                  f"{predicted * 1e3:.2f} ms (compile {compile_s:.1f} s; attention {rows[-1]['attention']})",
+                  f"{predicted * 1e3:.2f} ms (compile {compile_s:.1f} s; attention {rows[-1]['attention']}; "
+                  f"{rows[-1]['int8_kernel_calls']} int8 kernel calls)",
                   flush=True)
             del holder
             if args.generate:
@@ -290,7 +303,7 @@ def main(argv=None) -> int:
             pg = split_prepare(ex._programs_for(prefill_b, prefill_p)["prefill"])[0]
             used = attention_used(ex.source(prefill_b, prefill_p), "prefill")
             predicted = price_graph(pg, args.hardware, "prefill", layers=resolve_layers(layers, pg),
-                                    attention=used).step_s
+                                    attention=used, int8_matmul=int8_matmul).step_s
             module = ex.module(prefill_b, prefill_p)
             holder = {"state": ex.new_state(prefill_b)}
             tok = ex._put(np.random.default_rng(0).integers(0, sizes["V"], (prefill_b, prefill_p)).astype(np.int32),

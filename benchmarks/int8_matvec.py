@@ -13,7 +13,11 @@ storage, as layers=unroll stores them), timed for these forms:
   i8-pallas-tuned  the same kernel with, per weight shape, the fastest config of
               this run's --sweep at the nearest swept batch (needs --sweep);
   i8-reduce   int8 weights, the product written as a broadcast multiply and a
-              sum over the contracted axis (one XLA reduction kernel).
+              sum over the contracted axis (one XLA reduction kernel);
+  i8-gemv     int8 weights through einpart.runtime.kernels.int8_gemv (the
+              Pallas/Triton kernel with no dot, for M <= 8; default config);
+  i8-gemv-tuned  the same with, per weight shape, the fastest config of this
+              run's --gemv-sweep at the same batch (needs --gemv-sweep).
 
 Timing: a burst of --calls calls is dispatched and blocked on once, and the
 median over --bursts bursts of (burst time / calls) is reported, so host
@@ -25,7 +29,10 @@ against the i8-dot output (same function: int8 weights, f32 accumulation).
 
 --sweep first times the kernel's block configs on each product shape alone
 (8 weights of that shape) at --sweep-batches, and stores them under "sweep";
-the i8-pallas-tuned rows use its winners.
+the i8-pallas-tuned rows use its winners. --gemv-sweep does the same for the
+int8_gemv kernel on each Llama-8B decode product shape (--gemv-shapes, enough
+copies of the weight to pass 400 MB), at --gemv-batches, with the bf16 and i8-dot
+products of the same shape timed beside it (stored under "gemv_sweep").
 
     python benchmarks/int8_matvec.py [--batches 1,8,64] [--sweep] [--out FILE]
 """
@@ -43,14 +50,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from plan import device, versions, write_result  # noqa: E402
 
-FORMS = ("bf16", "i8-dot", "i8-pallas", "i8-pallas-tuned", "i8-reduce")
-# (block_n, block_k, splits or None = as many as default_config's rule gives, num_warps, num_stages),
-# each tried with SWEEP_VARIANTS (convert, reduce; reduce only matters with splits > 1)
-SWEEP = ((128, 128, None, 4, 4), (128, 256, None, 4, 3), (256, 128, None, 8, 3), (128, 256, 1, 4, 3),
-         (128, 256, None, 8, 3))
-SWEEP_VARIANTS = (("direct", "partials"), ("magic", "partials"), ("magic", "atomic"))
-# M = 1 only: mode "fma" (block_n, block_k, num_warps, num_stages, convert), splits as above, reduce "atomic"
-SWEEP_FMA = ((128, 64, 4, 4, "magic"), (128, 64, 4, 4, "direct"), (256, 32, 4, 4, "magic"), (64, 64, 4, 6, "magic"))
+from einpart.runtime.kernels.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS  # noqa: E402
+
+FORMS = ("bf16", "i8-dot", "i8-pallas", "i8-pallas-tuned", "i8-reduce", "i8-gemv", "i8-gemv-tuned")
+# the products of a Llama-8B decode step: wq and wo, wk and wv, w_gate and w_up, w_down, the lm head
+GEMV_SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096,4096x128256"
+# int8_gemv configs swept at M = 1 beside default_gemv_config (block_n, block_k, unroll, num_warps,
+# num_stages, convert, layout, programs the K splits aim at)
+GEMV_SWEEP = ((512, 16, 2, 8, 1, "magic", "i8", 1056), (512, 16, 4, 8, 1, "magic", "i8", 528),
+              (256, 16, 8, 4, 1, "magic", "i8", 1056), (512, 16, 2, 8, 1, "magic", "i32", 528),
+              (512, 32, 1, 8, 1, "magic", "i8", 528))
+# at M > 1: the default only
+GEMV_SWEEP_ROWS = ()
 
 
 def product(form: str, x, w, config=None):
@@ -63,6 +74,9 @@ def product(form: str, x, w, config=None):
     if form in ("i8-pallas", "i8-pallas-tuned"):
         from einpart.runtime.kernels import int8_matmul
         return int8_matmul(x, w, config)
+    if form in ("i8-gemv", "i8-gemv-tuned"):
+        from einpart.runtime.kernels.int8_gemv import int8_gemv
+        return int8_gemv(x, w, config)
     prod = x[:, :, None].astype(jnp.float32) * w[None].astype(jnp.float32)
     return jnp.sum(prod, axis=1).astype(jnp.bfloat16)
 
@@ -141,6 +155,70 @@ def sweep(rng, args, bw: float) -> list[dict]:
     return rows
 
 
+def gemv_configs(b: int, k: int, n: int) -> list:
+    """The int8_gemv configs swept for [b, k] x [k, n]."""
+    import dataclasses
+    from einpart.runtime.kernels.int8_gemv import Int8GemvConfig, default_gemv_config, split_for
+    out = [default_gemv_config(b, k, n)]
+    for bn, bk, un, nw, st, conv, lay, target in (GEMV_SWEEP if b == 1 else GEMV_SWEEP_ROWS):
+        c = Int8GemvConfig(min(bn, max(16, 1 << (n - 1).bit_length())), bk, un, 1, nw, st, conv, lay)
+        out.append(dataclasses.replace(c, splits=split_for(k, n, c, target)))
+    return out
+
+
+def gemv_sweep(args, bw: float) -> list[dict]:
+    """bf16, i8-dot and each int8_gemv config on each --gemv-shapes product alone."""
+    import jax
+    import jax.numpy as jnp
+    from einpart.runtime.kernels.int8_gemv import gemv_programs, int8_gemv
+    rows = []
+    weights = {}
+    for shape in args.gemv_shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        copies = max(2, min(32, -(-400_000_000 // (k * n))))
+        keys = jax.random.split(jax.random.key(7), copies)
+        ws = [jax.random.randint(kk, (k, n), -127, 128, jnp.int8) for kk in keys]
+        weights[k, n] = (ws, [w.astype(jnp.bfloat16) for w in ws])
+    for b in [int(v) for v in args.gemv_batches.split(",")]:     # batch outer: M = 1 done first
+        for (k, n), (ws, bfs) in weights.items():
+            copies, n_bytes = len(ws), len(ws) * k * n
+            x = jax.random.normal(jax.random.key(b), (b, k), jnp.bfloat16)
+            ref = jnp.einsum("bk,kn->bn", x, ws[0].astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+            cands = [("bf16", None), ("i8-dot", None)] + [("i8-gemv", c) for c in gemv_configs(b, k, n)]
+            for form, cfg in cands:
+                row = {"batch": b, "k": k, "n": n, "form": form, "copies": copies}
+                if cfg is not None:
+                    row.update(config=vars(cfg).copy(), programs=gemv_programs(k, n, cfg))
+                try:
+                    if form == "i8-gemv":
+                        fn = jax.jit(lambda x, ws, cfg=cfg: tuple(int8_gemv(x, w, cfg) for w in ws))
+                    else:
+                        fn = jax.jit(lambda x, ws, form=form: tuple(product(form, x, w) for w in ws))
+                    wl = bfs if form == "bf16" else ws
+                    row["rel_err"] = rel_err(fn(x, wl)[0], ref)
+                    t = burst_seconds(fn, (x, wl), args.calls, args.bursts)
+                    nb = n_bytes * (2 if form == "bf16" else 1)
+                    row.update(ms=t * 1e3, tb_per_s=nb / t / 1e12, of_floor=nb / bw / t)
+                    print(f"gemv-sweep {k}x{n} b={b} {form} {cfg or ''}: {t * 1e3 / copies:.4f} ms/product "
+                          f"{nb / t / 1e12:.2f} TB/s err {row['rel_err']:.1e}", flush=True)
+                except Exception as e:  # a config the lowering refuses stays in the table as an error
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"gemv-sweep {k}x{n} b={b} {form} {cfg}: {row['error']}", flush=True)
+                rows.append(row)
+    return rows
+
+
+def gemv_tuned(rows: list[dict], k: int, n: int, b: int):
+    """The fastest swept int8_gemv config for [b, k] x [k, n] (same batch, else the nearest)."""
+    from einpart.runtime.kernels.int8_gemv import Int8GemvConfig, default_gemv_config
+    ok = [r for r in rows if r["k"] == k and r["n"] == n and r["form"] == "i8-gemv" and "ms" in r]
+    if not ok:
+        return default_gemv_config(b, k, n)
+    near = min(abs(r["batch"] - b) for r in ok)
+    best = min((r for r in ok if abs(r["batch"] - b) == near), key=lambda r: r["ms"])
+    return Int8GemvConfig(**best["config"])
+
+
 def tuned_config(rows: list[dict], k: int, n: int, b: int):
     """The fastest swept config for [b, k] x [k, n]: among the swept batches with
     the same padded rows as b (else all), the nearest; "fma" only for b = 1."""
@@ -165,6 +243,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bursts", type=int, default=5, help="timed bursts (the median is reported)")
     ap.add_argument("--sweep", action="store_true", help="also time the kernel's block configs")
     ap.add_argument("--sweep-batches", default="1,64")
+    ap.add_argument("--gemv-sweep", action="store_true", help="time int8_gemv configs per decode product shape")
+    ap.add_argument("--gemv-shapes", default=GEMV_SHAPES)
+    ap.add_argument("--gemv-batches", default="1,2,4,8")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import jax
@@ -177,24 +258,32 @@ def main(argv=None) -> int:
         ap.error(f"--forms takes bf16 and any of {', '.join(FORMS[1:])}; got {args.forms}")
     if "i8-pallas-tuned" in forms and not args.sweep:
         ap.error("--forms i8-pallas-tuned needs --sweep (it uses the sweep's fastest configs)")
+    if "i8-gemv-tuned" in forms and not args.gemv_sweep:
+        ap.error("--forms i8-gemv-tuned needs --gemv-sweep (it uses the sweep's fastest configs)")
     rng = np.random.default_rng(0)
     shapes = [(args.d, args.f), (args.f, args.d)] * args.layers
-    i8 = [jnp.asarray(rng.integers(-127, 128, s, dtype=np.int8)) for s in shapes]
+    # drawn on the device (host draws of ~1 GB of int8 cost device-session seconds)
+    i8 = [jax.random.randint(jax.random.key(i), s, -127, 128, jnp.int8) for i, s in enumerate(shapes)]
     bf = [w.astype(jnp.bfloat16) for w in i8]
     hbm = hbm_bandwidth(args.calls, args.bursts)
     bw = max(hbm.values())
     print("HBM " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in hbm.items()), flush=True)
     swept = sweep(rng, args, bw) if args.sweep else []
+    gswept = gemv_sweep(args, bw) if args.gemv_sweep else []
     rows = []
     for b in [int(v) for v in args.batches.split(",")]:
         x = jnp.asarray(rng.standard_normal((b, args.d)) * 0.01, jnp.bfloat16)
         base = ref = None
         for form in forms:
             ws = bf if form == "bf16" else i8
+            if form.startswith("i8-gemv") and b > GEMV_MAX_ROWS:
+                continue    # the kernel is for M <= its MAX_ROWS
 
             tuned = {}
             if form == "i8-pallas-tuned":
                 tuned = {s: tuned_config(swept, *s, b) for s in set(shapes)}
+            if form == "i8-gemv-tuned":
+                tuned = {s: gemv_tuned(gswept, *s, b) for s in set(shapes)}
 
             def step(x, ws, form=form, tuned=tuned):
                 for w in ws:
@@ -231,7 +320,7 @@ def main(argv=None) -> int:
               "timing": f"median over {args.bursts} bursts of {args.calls} calls, one block per burst",
               "hbm_tb_per_s": {k: v / 1e12 for k, v in hbm.items()}, "floor_bandwidth_tb_per_s": bw / 1e12,
               "layers": args.layers, "d": args.d, "f": args.f,
-              "rows": rows, "sweep": swept}
+              "rows": rows, "sweep": swept, "gemv_sweep": gswept}
     print("wrote", write_result(result, f"int8-matvec-{jax.devices()[0].platform}", args.out))
     return 0
 

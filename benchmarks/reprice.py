@@ -72,7 +72,9 @@ def main(argv=None) -> int:
         pg = split_prepare(program_graphs(graphs[int8], prefill_len, r["batch"])[r["phase"]])[0]
         layers = row_loop(res, r["impl"], r["phase"], pg)
         attention = r.get("attention") or "einsum"      # the lowering the program used (decode.attention_used)
-        pred = price_graph(pg, args.hardware, r["phase"], layers=layers, attention=attention).step_s * 1e3
+        int8_matmul = r.get("int8_matmul") or "xla"      # decode.py's int8 product lowering (xla before it had one)
+        pred = price_graph(pg, args.hardware, r["phase"], layers=layers, attention=attention,
+                           int8_matmul=int8_matmul).step_s * 1e3
         r["repriced_ms"] = pred
         out_rows.append({"impl": r["impl"], "phase": r["phase"], "batch": r["batch"], "layers": layers,
                          "attention": attention, "measured_ms": r["ms"], "predicted_then_ms": r.get("predicted_ms"),

@@ -95,3 +95,12 @@ if [ "$stage" = 9 ]; then
   timeout 170 python3 benchmarks/decode.py --set L=64 --batches 1 --prefill 8x2048 --layers unroll,scan --baseline "" \
     --steps 10 --hardware "$HW" --tag=-run9-L64 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
 fi
+if [ "$stage" = 10 ]; then
+  # int8 weight products through the Pallas GEMV kernel (codegen int8_matmul=auto: the kernel at decode
+  # batch 1, XLA's int8 GEMM at 64) against int8_matmul=xla and bf16, one step per call and generate;
+  # gpu_check first: the kernel's numerics on the GPU against the reference interpreter
+  HW=benchmarks/results/hardware-h200.toml
+  timeout 90 python3 benchmarks/gpu_check.py --out "$OUT/gpu-check-h200-run10.json" 2>&1 | tee -a "$OUT/run.log"
+  timeout 240 python3 benchmarks/decode.py --batches 1 --prefill none --layers unroll --int8 unroll \
+    --int8-matmul xla,auto --baseline "" --generate 64 --hardware "$HW" --tag=-run10 --out "$OUT" 2>&1 | tee -a "$OUT/run.log"
+fi

@@ -69,7 +69,7 @@ def _plan_pass(kind: str, mesh: dict, hardware: str, phase: str, batch: int, con
 def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int = 0, prompt: int = 0,
             pipeline=None, sizes: dict | None = None, plan: str = "shard", phase: str = "both", steps: int = 64,
             memory_limit: float | None = 0.0, time_limit: float = 10.0, layers: str = "auto",
-            attention: str = "auto", dtype: str = "f32", weights=None, seed: int = 0, devices: int | None = None,
+            attention: str = "auto", int8_matmul: str = "auto", dtype: str = "f32", weights=None, seed: int = 0, devices: int | None = None,
             platform: str | None = None, dump_dir: str | Path | None = None) -> "Program":
     """Parse (or take) a spec, run `pipeline` and the planner, lower it and load it on a mesh.
 
@@ -81,6 +81,8 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
     safetensors path, or a dict of arrays. dump_dir: write every pass's IR there. layers: scan, unroll
     or auto (codegen.lower.resolve_layers: unrolled up to 64 layers). attention: einsum,
     xla, cudnn or auto (softmax attention as one jax.nn.dot_product_attention; codegen/attention.py).
+    int8_matmul: xla, pallas or auto (int8 weight products at decode through the Pallas GEMV
+    kernel; codegen/int8_matmul.py).
     """
     from .passes.plans import parse_mesh
     from .passes import parse_pipeline, run_pipeline
@@ -92,6 +94,8 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
         raise EinpartError(f"plan must be one of {', '.join(PLANS)}, got '{plan}'")
     from .codegen.attention import check_attention_mode
     check_attention_mode(attention)
+    from .codegen.int8_matmul import check_int8_matmul_mode
+    check_int8_matmul_mode(int8_matmul)
     mesh = parse_mesh(mesh) if not isinstance(mesh, dict) else {str(k): int(v) for k, v in mesh.items()}
     graph = load_graph(spec, sizes)
     if plan != "shard" and (batch or context or prompt):
@@ -108,7 +112,7 @@ def compile(spec, mesh, *, hardware: str = "cpu", batch: int = 0, context: int =
         simulate_cpu_devices(devices)
     from .runtime.executable import Executable
     ex = Executable(result.graph, layers=layers, dtype=dtype, seed=seed, weights=weights, platform=platform,
-                    compile=False, attention=attention)
+                    compile=False, attention=attention, int8_matmul=int8_matmul)
     options = {"hardware": hardware, "phase": phase, "batch": batch, "context": context, "prompt": prompt,
                "steps": steps, "memory_limit": memory_limit} if plan == "shard" else None
     return Program(ex, result.graph, result.records, options, hardware, weights, seed)

@@ -104,9 +104,10 @@ def plan_json(graph, layers: str) -> dict:
     return {"mesh": dict(graph.mesh), "layers": layers, "declarations": decls, "programs": programs}
 
 
-def write_compile_outputs(graph, out: Path, records, layers: str, attention: str = "einsum") -> Path:
+def write_compile_outputs(graph, out: Path, records, layers: str, attention: str = "einsum",
+                          int8_matmul: str = "xla") -> Path:
     from .codegen import generate_source
-    source = generate_source(graph, layers, attention=attention)
+    source = generate_source(graph, layers, attention=attention, int8_matmul=int8_matmul)
     path = out / f"{len(records):02d}-lower.py"
     path.write_text(source)
     (out / "plan.json").write_text(json.dumps(plan_json(graph, layers), indent=1, sort_keys=True) + "\n")
@@ -136,7 +137,7 @@ def cmd_compile(args) -> int:
     graph = load_spec(args)
     out = Path(args.out)
     result = plan_graph(graph, mesh, args.plan, args.seed, _before(args), dump_dir=out, hardware=args.hardware)
-    path = write_compile_outputs(result.graph, out, result.records, args.layers, args.attention)
+    path = write_compile_outputs(result.graph, out, result.records, args.layers, args.attention, args.int8_matmul)
     for rec in result.records:
         print(f"{rec.name:<40} {rec.seconds * 1000:8.1f} ms  {rec.dump}")
     print(f"{'lower':<40} {'':>11}  {path}")
@@ -184,7 +185,7 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     ex = Executable(planned, layers=args.layers, dtype=args.dtype, seed=args.seed, weights=args.weights,
                     prefill_len=args.prompt_len, platform=args.platform, check_finite=args.check_weights,
-                    attention=args.attention)
+                    attention=args.attention, int8_matmul=args.int8_matmul)
     build_s = time.perf_counter() - start
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(0, ex.vocab, (ex.batch, args.prompt_len), dtype=np.int32)
@@ -260,6 +261,9 @@ def _plan_args(p) -> None:
     p.add_argument("--attention", default="auto", choices=("einsum", "xla", "cudnn", "auto"),
                    help="softmax attention as einsums or one jax.nn.dot_product_attention (auto: cudnn for bf16 "
                         "prefill on an NVIDIA GPU, else einsum; compile has no GPU, so auto is einsum there)")
+    p.add_argument("--int8-matmul", default="auto", choices=("xla", "pallas", "auto"),
+                   help="int8 weight products as XLA dots or the Pallas GEMV kernel (auto: the kernel at decode "
+                        "on an NVIDIA GPU, else xla; compile has no GPU, so auto is xla there)")
 
 
 def register(sub) -> None:

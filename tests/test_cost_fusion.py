@@ -191,6 +191,31 @@ def test_a_stacked_int8_weight_under_scan_is_cast_by_a_kernel_that_writes_it():
     assert lowering(gr, gpu, "scan").converts == {"y": {"w": 2}} and lowering(gr, gpu, "scan").casts == {}
 
 
+def test_int8_matmul_pallas_prices_the_gemv_kernel():
+    """With int8_matmul="pallas" codegen computes y with the Pallas GEMV (2 rows): w's 128
+    elements cost int8_gemv_bytes (0.75 here) in place of int8_gemm_bytes, one kernel;
+    stacked under a scan, the kernel reads an int8 copy of the slice (64 read, 64
+    written, 64 read by the kernel, two kernels). "auto" takes the kernel on a CUDA
+    platform for one row only (codegen.int8_matmul.AUTO_MAX_ROWS); "xla" and "auto" off
+    CUDA price the GEMM as before; the planner's default is "xla"."""
+    gpu = replace(hw(kernel_s=0.5), convert_kernel=True, int8_gemm_bytes=1.5, int8_gemv_bytes=0.75)
+    cuda = replace(gpu, platform="cuda")
+    one_row = INT8.replace("size B = 2,", "size B = 1,")
+    for src, rows_ in ((INT8, 2), (one_row, 1)):
+        x_and_out = rows_ * 8 * 2 + rows_ * 16 * 2
+        for mode, h, per in (("pallas", gpu, 0.75), ("auto", cuda, 0.75 if rows_ == 1 else 1.5), ("auto", gpu, 1.5),
+                             ("xla", cuda, 1.5)):
+            y = price_graph(parse(src), h, int8_matmul=mode).stmt("y")
+            assert (y.memory_s, y.launch_s) == (x_and_out + 128 * per, 0.5), (mode, rows_)
+    assert lowering(parse(INT8), gpu, int8_matmul="pallas").casts == {"y": {"w": 0.75}}
+    gr = parse(INT8_LAYERS)
+    rows = lambda rep: [(s.name, s.memory_s, s.launch_s, s.count) for s in rep.stmts]   # noqa: E731
+    assert rows(price_graph(gr, gpu, int8_matmul="pallas")) == [("y", 32 + 64 * 0.75 + 32, 0.5, 3)]
+    assert rows(price_graph(gr, gpu, layers="scan", int8_matmul="pallas")) == [("y", 32 + 64 * 3 + 32, 1.0, 3)]
+    with pytest.raises(EinpartError, match="int8_matmul must be one of xla, pallas, auto, got 'cuda'"):
+        price_graph(gr, gpu, int8_matmul="cuda")
+
+
 def test_int8_gemm_bytes_is_the_measured_int8_matvec_ratio(tmp_path):
     """The H100/H200 presets' and the calibrated file's int8_gemm_bytes are twice the
     fused int8 GEMM's time over the bf16 GEMM's at batch 1 (benchmarks/int8_matvec.py
@@ -203,6 +228,12 @@ def test_int8_gemm_bytes_is_the_measured_int8_matvec_ratio(tmp_path):
     assert PRESETS["h200"].int8_gemm_bytes == PRESETS["h100"].int8_gemm_bytes == round(2 * ratio, 2)
     assert load_hardware(str(results / "hardware-h200.toml")).int8_gemm_bytes == round(2 * ratio, 2)
     assert PRESETS["tpu-v4"].int8_gemm_bytes == PRESETS["cpu"].int8_gemm_bytes == 1.0
+    # the Pallas GEMV's figure, from the same benchmark's i8-gemv row (codegen int8_matmul)
+    rows = json.loads((results / "int8-matvec-h200-int8kernel2.json").read_text())["rows"]
+    gemv = next(r["vs_bf16"] for r in rows if r["batch"] == 1 and r["form"] == "i8-gemv")
+    assert PRESETS["h200"].int8_gemv_bytes == PRESETS["h100"].int8_gemv_bytes == round(2 * gemv, 2)
+    assert load_hardware(str(results / "hardware-h200.toml")).int8_gemv_bytes == round(2 * gemv, 2)
+    assert PRESETS["cpu"].int8_gemv_bytes == 1.0
     f = tmp_path / "gpu.toml"
     f.write_text('base = "h200"\nint8_gemm_bytes = 0\n')
     with pytest.raises(EinpartError, match="field 'int8_gemm_bytes' must be positive, got 0"):

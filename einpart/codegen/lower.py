@@ -40,6 +40,7 @@ from ..ir.verify import index_sizes, resolve_sizes
 from .code import spec_code, tuple_code
 from .attention import ATTENTION_MODES, check_attention_mode
 from .collectives import PMAX_HELPER
+from .int8_matmul import KERNEL_IMPORT, check_int8_matmul_mode
 from .names import check_identifier, docstring_text, literal, number
 from ..passes.plans import specialize
 from .prepare import PrepareProgram, split_prepare
@@ -116,11 +117,13 @@ def program_graphs(graph: g.Graph, prefill_len: int | None = None, batch: int | 
 
 
 def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | None = None,
-                    batch: int | None = None, attention: str = "einsum", platform: str | None = None) -> str:
+                    batch: int | None = None, attention: str = "einsum", platform: str | None = None,
+                    int8_matmul: str = "xla") -> str:
     """The generated module's text for a planned graph (graph.mesh set, layouts and splits in the IR).
-    attention: einsum | xla | cudnn | auto (codegen/attention.py); `platform` ('cuda' for an NVIDIA
-    GPU) is what auto decides by."""
+    attention: einsum | xla | cudnn | auto (codegen/attention.py); int8_matmul: xla | pallas | auto
+    (codegen/int8_matmul.py); `platform` ('cuda' for an NVIDIA GPU) is what both autos decide by."""
     check_attention_mode(attention)
+    check_int8_matmul_mode(int8_matmul)
     if layers not in LAYER_MODES:
         raise EinpartError(f"layers must be one of {', '.join(LAYER_MODES)}, got '{layers}'")
     if not graph.mesh:
@@ -156,7 +159,8 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
         f'"""einpart: {docstring_text(graph.source.replace(chr(92), "/").split("/")[-1])} lowered to jax.shard_map.',
         "",
         f"mesh {', '.join(f'{n}={v}' for n, v in graph.mesh)}; layers={layers}{'' if asked == layers else f' ({asked})'}; "
-        + ("" if attention == "einsum" else f"attention={attention}; ") + "sizes "
+        + ("" if attention == "einsum" else f"attention={attention}; ")
+        + ("" if int8_matmul == "xla" else f"int8_matmul={int8_matmul}; ") + "sizes "
         + ", ".join(f"{k}={v}" for k, v in resolve_sizes(progs["prefill"]).items())
         + "; decode: one query position.",
         "Generated code: do not edit. Every collective is one that",
@@ -206,8 +210,11 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
                                                          for n, v in items.items()) + "},")
         lines.append("}")
     emitters = [PrepareProgram(full["prefill"], prepared, layers)] + [
-        StepProgram(pg, p, layers, given, attention, platform) for p, pg in progs.items()]
+        StepProgram(pg, p, layers, given, attention, platform, int8_matmul) for p, pg in progs.items()]
     bodies = [e.emit() for e in emitters]
+    if any(getattr(e, "uses_int8_gemv", False) for e in emitters):
+        at = lines.index("from jax.sharding import PartitionSpec as P")
+        lines[at + 1:at + 1] = ["", KERNEL_IMPORT]
     if any(e.uses_pmax for e in emitters):
         lines[lines.index("import jax")] = "import functools\n\nimport jax"
         lines += ["", ""] + PMAX_HELPER

@@ -15,16 +15,17 @@ from ..ir.verify import index_sizes, resolve_sizes
 from .code import Val, Writer, one_line, spec_code
 from .attention import AttentionEmitter, check_attention_mode
 from .collectives import CollectiveEmitter
+from .int8_matmul import Int8MatmulEmitter, check_int8_matmul_mode
 from .layers import LayerState, LayerEmitter
 from .names import Namespace, literal
 from .statements import StatementEmitter
 
 
-class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter, AttentionEmitter):
+class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter, AttentionEmitter, Int8MatmulEmitter):
     """One generated function: `name(params, state, inputs, pos)` for a single-phase planned graph."""
 
     def __init__(self, graph: g.Graph, name: str, layers: str, given: dict | None = None,
-                 attention: str = "einsum", platform: str | None = None):
+                 attention: str = "einsum", platform: str | None = None, int8_matmul: str = "xla"):
         self.graph = graph
         # unrolled, a stacked weight or state is a tuple of the layers' arrays (lower.py's
         # PER_LAYER); a scan needs the stacked array
@@ -64,6 +65,9 @@ class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter, AttentionEm
         self.attention_mode = check_attention_mode(attention)
         self.platform = platform
         self.fused = self.select_attention()
+        # int8 weight products through the Pallas GEMV kernel (int8_matmul.py); set once one is emitted
+        self.int8_matmul_mode = check_int8_matmul_mode(int8_matmul)
+        self.uses_int8_gemv = False
 
     def load(self, d: g.Decl, var: str) -> Val:
         """A declared tensor as this program reads it (moved if it is given in another layout)."""

@@ -114,7 +114,10 @@ class StatementEmitter:
             # vector product (decode, batch 1) into f32 copies of the weights (measured on an
             # H200: 19.2 ms/token for Llama-8B unrolled, against 7.1 ms with bf16 results)
             weight = any((d := self.graph.decl(f.name)) is not None and d.kind == "param" for f in factors)
-            if low is not None and weight and not comm.reduce and s.name not in self.graph.outputs:
+            in_low = low is not None and weight and not comm.reduce and s.name not in self.graph.outputs
+            if self.int8_product(s, factors, vals, args, out, low or "f32", low if in_low else "f32"):
+                computed = low if in_low else "f32"      # int8_matmul.py: the Pallas GEMV kernel
+            elif in_low:
                 computed = low
                 self.w(f"{var} = jnp.einsum({spec!r}, {', '.join(args)}, "
                        f"preferred_element_type={DTYPE_CODE[low]})")

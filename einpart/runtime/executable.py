@@ -36,6 +36,7 @@ from ..ir.model import step_axes
 from ..ir.shapes import decl_shapes
 from ..ir.verify import index_sizes, resolve_sizes, verify
 from ..codegen.attention import check_attention_mode
+from ..codegen.int8_matmul import check_int8_matmul_mode
 from ..codegen.lower import LAYER_MODES, generate_source, program_graphs, split_prepare
 from ..passes.plans import parse_mesh, simple_plan
 from .. import progress
@@ -108,7 +109,8 @@ class Executable:
     def __init__(self, graph: g.Graph, mesh=None, *, layers: str = "scan", dtype: str = "f32", seed: int = 0,
                  weights=None, devices: int | None = None, prefill_len: int | None = None,
                  source_dir: str | Path | None = None, plan=simple_plan, compile: bool = True,
-                 platform: str | None = None, check_finite: bool = False, attention: str = "auto"):
+                 platform: str | None = None, check_finite: bool = False, attention: str = "auto",
+                 int8_matmul: str = "auto"):
         if layers not in LAYER_MODES:
             raise EinpartError(f"layers must be one of {', '.join(LAYER_MODES)}, got '{layers}'")
         if dtype not in STORAGE_DTYPES:
@@ -126,6 +128,7 @@ class Executable:
         self.graph = graph
         self.layers = layers
         self.attention = check_attention_mode(attention)   # codegen/attention.py: einsum | xla | cudnn | auto
+        self.int8_matmul = check_int8_matmul_mode(int8_matmul)   # codegen/int8_matmul.py: xla | pallas | auto
         self.dtype = dtype
         self.source_dir = source_dir
         self.axes = step_axes(graph)
@@ -194,10 +197,11 @@ class Executable:
 
     def source(self, batch: int | None = None, T: int | None = None) -> str:
         return generate_source(self.graph, self.layers, prefill_len=T or self.prefill_len,
-                               batch=batch or self.batch, attention=self.attention, platform=self.platform_name())
+                               batch=batch or self.batch, attention=self.attention, platform=self.platform_name(),
+                               int8_matmul=self.int8_matmul)
 
     def platform_name(self) -> str:
-        """The mesh's platform as codegen's attention='auto' reads it: 'cuda' for NVIDIA GPUs."""
+        """The mesh's platform as codegen's attention='auto' and int8_matmul='auto' read it: 'cuda' for NVIDIA GPUs."""
         dev = self.mesh.devices.flat[0]
         version = str(getattr(dev.client, "platform_version", "")).lower()
         return "cuda" if dev.platform == "gpu" and "cuda" in version else dev.platform

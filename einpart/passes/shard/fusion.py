@@ -50,6 +50,12 @@ the cast costs depends on how the weight is stored (`lowering(layers=)`):
     moved per int8 element measured, 1 + 2 + 2 priced: `Lowering.converts`).
     That kernel is the layer's copy out of the stack (report.scan_copies).
 
+With int8_matmul="pallas" / "auto" codegen computes a decode product of an int8
+weight with the Pallas GEMV kernel (codegen/int8_matmul.py, kernel_statements
+names them): such a weight costs the hardware's int8_gemv_bytes per element
+(`Lowering.casts`), or, stacked under a scan, an int8 copy of its slice
+(`Lowering.converts`, 1 + 2 x 1 bytes and a kernel; priced, not measured).
+
 Fused attention (`Lowering.attention`, fused_attention.py): with
 attention="cudnn" / "auto" codegen computes a matched softmax-attention
 chain as one cuDNN call; its members are priced as one kernel there.
@@ -86,17 +92,28 @@ def stacked_weights(graph: g.Graph) -> set:
     return out | {s.name for s, owner in graph.all_stmts() if owner is not None and s.name in prepared}
 
 
-def lowering(graph: g.Graph, hw, layers: str = "unroll", attention: str = "einsum", phase: str = "") -> Lowering:
-    """What the compiled step launches on `hw` with the layer loop `layers` and the
-    attention lowering `attention` of the program `phase` (module docstring)."""
+def lowering(graph: g.Graph, hw, layers: str = "unroll", attention: str = "einsum", phase: str = "",
+             int8_matmul: str = "xla") -> Lowering:
+    """What the compiled step launches on `hw` with the layer loop `layers`, the
+    attention lowering `attention` and the int8 product lowering `int8_matmul` of the
+    program `phase` (module docstring)."""
+    from ...codegen.int8_matmul import kernel_statements
     from .fused_attention import fused_attention
     stacked = stacked_weights(graph) if layers == "scan" and hw.convert_kernel else set()
     types = graph.types()
+    kernel = kernel_statements(graph, int8_matmul, hw.platform)
     converts: dict = {}
     casts: dict = {}
     for st, weights in weight_converts(graph).items():
         for w, nbytes in weights.items():
-            if w in stacked:
+            if st in kernel and types[w].dtype == "i8":
+                # the Pallas GEMV reads the int8 weight (codegen/int8_matmul.py); a stacked weight's
+                # slice is first copied as int8 (a custom call reads a buffer of its own; priced, not measured)
+                if w in stacked:
+                    converts.setdefault(st, {})[w] = DTYPE_BYTES["i8"]
+                else:
+                    casts.setdefault(st, {})[w] = hw.int8_gemv_bytes
+            elif w in stacked:
                 converts.setdefault(st, {})[w] = nbytes
             elif types[w].dtype == "i8":
                 casts.setdefault(st, {})[w] = hw.int8_gemm_bytes

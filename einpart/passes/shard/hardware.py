@@ -5,7 +5,8 @@ Per device: peak FLOP/s (bf16, int8), HBM bandwidth and capacity, and the
 cost of one kernel launch (kernel_s: what a step pays per kernel beyond its
 roofline; cost.stmt_kernels counts them), the bytes an int8 weight element
 costs a GEMM that casts it as it reads it (int8_gemm_bytes: 1 where int8 is
-read at full bandwidth), and the JAX platform (what attention="auto" picks
+read at full bandwidth; int8_gemv_bytes: the same for the Pallas GEMV kernel that
+codegen's int8_matmul option uses at decode), and the JAX platform (what attention="auto" picks
 on). Per mesh
 axis: the link a collective along that axis runs over (bandwidth in bytes/s
 that one device moves, and latency per collective step). How a collective
@@ -59,6 +60,7 @@ class Hardware:
     kernel_s: float = 0.0      # seconds each kernel a step launches costs beyond its roofline
     convert_kernel: bool = False   # a stacked weight's slice that a product casts is a kernel of its own (XLA GPU, scan)
     int8_gemm_bytes: float = 1.0   # HBM bytes an int8 weight element costs a GEMM that casts it in its prologue
+    int8_gemv_bytes: float = 1.0   # the same for the Pallas GEMV kernel (codegen int8_matmul="pallas"/"auto")
     platform: str = ""         # the JAX platform ("cuda", "tpu", "cpu"): what codegen's attention="auto" reads
     source: str = field(default="", compare=False)
 
@@ -121,11 +123,15 @@ TPU_V4_TORUS = replace(TPU_V4, name="tpu-v4-torus", link=Link(90e9, 1e-6), combi
 # call, had about 0.35 ms of dispatch in every figure and gave 0.974x), so an
 # int8 element costs 2 x 1.170 = 2.34 bf16-rate bytes (the B=1 row, decode's).
 # The H100 takes the H200's figure (same Hopper GEMM path; not measured on an H100).
+# int8_gemv_bytes: the Pallas GEMV kernel (codegen int8_matmul, runtime/kernels/int8_gemv.py)
+# took 0.758x the bf16 GEMMs' time at B=1 on the same workload (0.364 vs 0.481 ms,
+# results/int8-matvec-h200-int8kernel2.json), so 2 x 0.758 = 1.52 bf16-rate bytes.
 H100 = Hardware(
     name="h100", flops_bf16=989e12, flops_int8=1979e12, hbm_bandwidth=3.35e12, hbm_bytes=80e9,
     link=Link(450e9, 2e-6), combine="min", node_size=8, inter_node=Link(50e9, 5e-6), kernel_s=1.9e-6,
-    convert_kernel=True, int8_gemm_bytes=2.34, platform="cuda",
-    source="NVIDIA H100 SXM datasheet (dense); scaling book GPU chapter; kernel_s, int8_gemm_bytes: the H200's")
+    convert_kernel=True, int8_gemm_bytes=2.34, int8_gemv_bytes=1.52, platform="cuda",
+    source="NVIDIA H100 SXM datasheet (dense); scaling book GPU chapter; kernel_s, int8_gemm_bytes, "
+           "int8_gemv_bytes: the H200's")
 # H200: measured on one NVIDIA H200 (device tool, JAX 0.11.2, 2026-12-02) by
 # benchmarks/calibrate.py, file benchmarks/results/hardware-h200.toml: bf16
 # 8192^3 products on random data 722 TFLOP/s (datasheet 989), int8 1068 TOP/s
@@ -147,7 +153,7 @@ PRESETS = {h.name: h for h in (TPU_V4, TPU_V4_TORUS, H100, H200, CPU)}
 
 _NUMBERS = ("flops_bf16", "flops_int8", "hbm_bandwidth", "hbm_bytes")
 _KNOWN = set(_NUMBERS) | {"name", "base", "link", "combine", "node_size", "inter_node", "axes", "kernel_s",
-                          "convert_kernel", "int8_gemm_bytes", "platform"}
+                          "convert_kernel", "int8_gemm_bytes", "int8_gemv_bytes", "platform"}
 
 
 def load_hardware(spec) -> Hardware:
@@ -237,6 +243,8 @@ def hardware_from_dict(data: dict, where: str = "hardware") -> Hardware:
         kw["convert_kernel"] = data["convert_kernel"]
     if "int8_gemm_bytes" in data:
         kw["int8_gemm_bytes"] = _num(where, "int8_gemm_bytes", data["int8_gemm_bytes"])
+    if "int8_gemv_bytes" in data:
+        kw["int8_gemv_bytes"] = _num(where, "int8_gemv_bytes", data["int8_gemv_bytes"])
     if "platform" in data:
         if not isinstance(data["platform"], str):
             raise EinpartError(f"{where}: field 'platform' must be a string (cuda, tpu, cpu), got {data['platform']!r}")

@@ -292,7 +292,8 @@ def scan_copies(s: g.Statement, idx: dict, pricer: Pricer, hw: Hardware, read: s
 
 
 def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = None,
-                merge: bool = True, layers: str = "unroll", attention: str = "einsum") -> PhaseReport:
+                merge: bool = True, layers: str = "unroll", attention: str = "einsum",
+                int8_matmul: str = "xla") -> PhaseReport:
     """Price a single-phase annotated graph (graph.mesh, splits, layouts) on `hardware`;
     merge: reductions run as codegen emits them, merged (layout.collective_groups);
     False prices each alone, as the strategy graph does. layers: the layer loop as
@@ -301,7 +302,9 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
     attention lowering (codegen.attention.ATTENTION_MODES, default as codegen's,
     "einsum"); a chain it computes with cuDNN is one fused kernel (fused_attention.py),
     priced on its output's row, its other members at zero. `phase` names the program
-    ("prefill": the causal call skips the masked half). The planner's objective prices
+    ("prefill": the causal call skips the masked half). int8_matmul: codegen's int8 product
+    lowering (codegen.int8_matmul, default "xla"); a product it computes with the Pallas GEMV
+    reads its int8 weight at the hardware's int8_gemv_bytes. The planner's objective prices
     "unroll" and "einsum" (the layouts' costs; the copies scale with the weight bytes
     a layout holds, as the reads do)."""
     if layers not in LAYER_MODES:
@@ -315,7 +318,7 @@ def price_graph(graph: g.Graph, hardware, phase: str = "", sizes: dict | None = 
     rep = PhaseReport(phase, math.prod(n for _, n in mesh), hw.name, peak_flops=hw.flops_bf16)
     prepared = param_only(graph)
     read = step_reads(graph, prepared)
-    fused = lowering(graph, hw, layers, attention, phase)
+    fused = lowering(graph, hw, layers, attention, phase, int8_matmul)
     producers = {s.name: s for s, _ in graph.all_stmts()}
 
     def walk(block: g.Block, count: int, in_repeat: bool):
