@@ -24,8 +24,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from plan import device, versions, write_result  # noqa: E402
 
-VARIANTS = [("scan", "einsum", ""), ("unroll", "einsum", ""), ("unroll", "cudnn", ""), ("unroll", "xla", ""),
-            ("scan", "cudnn", ""), ("unroll", "einsum", "int8"), ("auto", "auto", "int8")]
+# (layers, attention, extra pass, int8_matmul); int8_matmul="pallas" sends decode's int8 products
+# (2 rows) through the int8_gemv kernel (codegen/int8_matmul.py); prefill's 128 rows keep XLA's
+VARIANTS = [("scan", "einsum", "", "xla"), ("unroll", "einsum", "", "xla"), ("unroll", "cudnn", "", "xla"),
+            ("unroll", "xla", "", "xla"), ("scan", "cudnn", "", "xla"), ("unroll", "einsum", "int8", "xla"),
+            ("unroll", "einsum", "int8", "pallas"), ("scan", "einsum", "int8", "pallas"),
+            ("auto", "auto", "int8", "auto")]
 
 
 def main(argv=None) -> int:
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
     steps = rng.integers(0, V, (batch, 3)).astype(np.int32)
     platform = jax.devices()[0].platform
     rows, want_cache = [], {}
-    for layers, attention, extra in VARIANTS:
+    for layers, attention, extra, int8_matmul in VARIANTS:
         if attention == "cudnn" and platform != "gpu":
             continue
         pipeline = ",".join([p for p in ("int8" if extra == "int8" else "",
@@ -76,17 +80,21 @@ def main(argv=None) -> int:
             want_cache[pipeline] = [w for w, _ in want]
         want = want_cache[pipeline]
         ex = Executable(simple_plan(graph, {"x": 1}), layers=layers, weights=p, attention=attention,
-                        prefill_len=args.prompt)
+                        prefill_len=args.prompt, int8_matmul=int8_matmul)
         got = [np.asarray(ex.prefill(prompt), np.float64)]
         for i in range(steps.shape[1]):
             got.append(np.asarray(ex.decode(steps[:, i], args.prompt + i), np.float64))
+        source = ex.source(batch, args.prompt)          # which products the kernel took, per program
+        calls = {prog: source[source.index(f"\ndef {prog}("):].split("\ndef ", 2)[1].count("int8_gemv(")
+                 for prog in ("prefill", "decode")}
         errs = [float(np.abs(g - np.asarray(w, np.float64)).max() / np.abs(w).max()) for g, w in zip(got, want)]
-        rows.append({"layers": layers, "attention": attention, "pipeline": pipeline,
+        rows.append({"layers": layers, "attention": attention, "pipeline": pipeline, "int8_matmul": int8_matmul,
+                     "gemv_calls": calls,
                      "prefill_rel_err": errs[0], "decode_rel_err": max(errs[1:]),
                      "ok": max(errs) <= args.tolerance})
-    print(f"{'layers':7} {'attention':9} {'pipeline':24} {'prefill err':>11} {'decode err':>10}  ok")
+    print(f"{'layers':7} {'attention':9} {'pipeline':24} {'int8 mm':7} {'gemv p/d':>8} {'prefill err':>11} {'decode err':>10}  ok")
     for r in rows:
-        print(f"{r['layers']:7} {r['attention']:9} {r['pipeline']:24} {r['prefill_rel_err']:11.2e} "
+        print(f"{r['layers']:7} {r['attention']:9} {r['pipeline']:24} {r['int8_matmul']:7} {r['gemv_calls']['prefill']:>3}/{r['gemv_calls']['decode']:<4} {r['prefill_rel_err']:11.2e} "
               f"{r['decode_rel_err']:10.2e}  {r['ok']}")
     result = {"device": device(), "accelerator": jax.devices()[0].device_kind, "jax": jax.__version__,
               "versions": versions(), "command": " ".join(["python", "benchmarks/gpu_check.py", *(argv or sys.argv[1:])]),
