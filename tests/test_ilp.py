@@ -308,6 +308,24 @@ def test_dominance_test_matches_the_definition(seed, sampled, monkeypatch):
     np.testing.assert_array_equal(_dominated_pairs(cost, mats), _dominated_by_definition(cost, mats))
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_dominance_of_a_row_an_edge_forbids_entirely(sampled, monkeypatch):
+    """A strategy whose row forbids every column of one edge is in no plan: every
+    other strategy dominates it, except one that forbids a column it allows on
+    another edge (-inf + inf is no dominance, as in the definition). The fast test
+    uses finite stand-ins for inf, whose sums would get this wrong."""
+    from einpart.passes.shard import reduce as red
+    if sampled:
+        monkeypatch.setattr(red, "_FULL_TEST_MAX", 0)
+    inf = np.inf
+    cost = np.array([0.0, 5.0, 1.0, 2.0])
+    m1 = np.array([[inf, inf], [0.0, 1.0], [2.0, 0.0], [1.0, 1.0]])     # strategy 0: forbidden on all of m1
+    m2 = np.array([[0.0, 0.0, 3.0], [0.0, 0.0, 0.0], [0.0, inf, 0.0], [1.0, 0.0, 2.0]])
+    dom = red._dominated_pairs(cost, [m1, m2])
+    np.testing.assert_array_equal(dom, _dominated_by_definition(cost, [m1, m2]))
+    assert dom[0].tolist() == [False, True, False, True]      # 2 forbids m2's column 1, which 0 allows
+
+
 @pytest.mark.parametrize("seed", [1, 2, 5, 6])
 def test_every_reduction_can_be_switched_off_and_the_optimum_stays(seed):
     from einpart.passes.shard.reduce import REDUCTIONS

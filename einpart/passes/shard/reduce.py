@@ -47,13 +47,46 @@ _PAIR_CHUNK = 1 << 22   # pair x column entries per block of the exact test
 _FULL_TEST_MAX = 1 << 21   # k x k x columns up to which every pair is tested at once (no sampling)
 
 
+# Stand-ins for inf in the dominance test, so that it runs on finite numbers with
+# no masks: a strategy's forbidden pair is _AS_A when it is the one switched away
+# from, _AS_B when it is the one switched to. Real costs are below FORBIDDEN (1e15),
+# so b - a is then ~-_AS_A (a forbids that column: it never counts against b),
+# ~+_AS_B (only b forbids it) or ~-_AS_A (both), as with inf and the masks; the
+# sums of a test stay far from overflow (|sum| < 1e303 for any degree < 1000).
+_AS_A, _AS_B = 1e300, 1e250
+
+
+def _as_a(m):
+    return np.where(np.isinf(m), _AS_A, m)
+
+
+def _as_b(m):
+    return np.where(np.isinf(m), _AS_B, m)
+
+
 def _edge_gain(m_b, m_a):
-    """max_j (m_b[., j] - m_a[., j]) row by row, where a column that a forbids
-    (m_a inf) never counts against b and one that only b forbids is +inf."""
-    with np.errstate(invalid="ignore"):
-        diff = m_b - m_a
-    diff[np.broadcast_to(np.isinf(m_a), diff.shape)] = -INF
-    return diff.max(axis=-1)
+    """max_j (m_b[., j] - m_a[., j]) row by row, on matrices from _as_b and
+    _as_a: a column that a forbids never counts against b and one that only b
+    forbids is (about) +_AS_B. Every finite entry gives the same value as
+    with inf and masks. (An a whose row forbids every column of an edge gets
+    about -_AS_A, which a sum would let outweigh another edge's +_AS_B:
+    _dominated_pairs decides those rows apart.)"""
+    return (m_b - m_a).max(axis=-1)
+
+
+def _dead_rows(dead, mats):
+    """dom[a, b] for the strategies a that forbid every column of some edge:
+    that edge's term is -inf, so a is dominated by every b except where
+    another term is +inf (b forbids a column that a allows: -inf + inf)."""
+    k = len(dead)
+    out = np.zeros((int(dead.sum()), k), bool)
+    for r, a in enumerate(np.flatnonzero(dead)):
+        pos = np.zeros(k, bool)
+        for m in mats:
+            pos |= np.isinf(m[:, np.isfinite(m[a])]).any(axis=1)
+        out[r] = ~pos
+        out[r, a] = False
+    return out
 
 
 def _dominated_pairs(cost, mats):
@@ -63,46 +96,58 @@ def _dominated_pairs(cost, mats):
     A lower bound of each edge's term comes from a few sampled columns (k x k
     work per column); the pairs it does not rule out get the exact term edge
     by edge, dropping every pair whose bound turns positive."""
+    dead = np.zeros(len(cost), bool)
+    for m in mats:
+        dead |= np.isinf(m).all(axis=1)
+    dom = _live_dominated_pairs(cost, mats, dead)
+    if dead.any():
+        dom[dead] = _dead_rows(dead, mats)
+    return dom
+
+
+def _live_dominated_pairs(cost, mats, dead):
+    """_dominated_pairs for the rows not `dead` (those rows come out False)."""
     k = len(cost)
     none = np.zeros((k, k), bool)
+    mats_a = [_as_a(m) for m in mats]
+    mats_b = [_as_b(m) for m in mats]
     if k * k * sum(m.shape[1] for m in mats) <= _FULL_TEST_MAX:   # small: sampling would not pay
         d = cost[None, :] - cost[:, None]
-        with np.errstate(invalid="ignore"):
-            for m in mats:
-                d = d + _edge_gain(m[None, :, :], m[:, None, :])
+        for ma, mb in zip(mats_a, mats_b):
+            d = d + _edge_gain(mb[None, :, :], ma[:, None, :])
         np.fill_diagonal(d, INF)
+        d[dead] = INF
         return d <= 0
     lb = cost[None, :] - cost[:, None]          # lb[a, b]: a lower bound of the exact sum
     np.fill_diagonal(lb, INF)
+    lb[dead] = INF
     sampled = []
-    with np.errstate(invalid="ignore"):
-        for m in mats:
-            spread = np.ptp(np.where(np.isfinite(m), m, 0.0), axis=0)   # columns that tell rows apart
-            cols = np.unique(np.concatenate([np.argsort(-spread, kind="stable")[:_SAMPLE_COLUMNS // 2],
-                                             np.linspace(0, m.shape[1] - 1, _SAMPLE_COLUMNS // 2).astype(int)]))
-            best = np.full((k, k), -INF)
-            for col in m[:, cols].T:
-                d = col[None, :] - col[:, None]
-                d[np.broadcast_to(np.isinf(col)[:, None], d.shape)] = -INF
-                np.maximum(best, d, out=best)
-            lb += best
-            sampled.append(best)
-            if not (lb <= 0).any():
-                return none
-        a_ix, b_ix = np.nonzero(lb <= 0)
-        order = sorted(range(len(mats)), key=lambda e: mats[e].shape[1])
-        terms = np.array([sampled[e][a_ix, b_ix] for e in order]).reshape(len(order), len(a_ix))
-        base = cost[b_ix] - cost[a_ix]
-        for pos, e in enumerate(order):       # sampled terms become exact, cheapest edge first
-            if len(a_ix) == 0:
-                return none
-            m = mats[e]
-            step = max(1, _PAIR_CHUNK // max(m.shape[1], 1))
-            for lo in range(0, len(a_ix), step):
-                sl = slice(lo, lo + step)
-                terms[pos, sl] = _edge_gain(m[b_ix[sl]], m[a_ix[sl]])
-            keep = base + terms.sum(axis=0) <= 0    # recomputed, as terms may be -inf
-            a_ix, b_ix, base, terms = a_ix[keep], b_ix[keep], base[keep], terms[:, keep]
+    for m, ma, mb in zip(mats, mats_a, mats_b):
+        spread = np.ptp(np.where(np.isfinite(m), m, 0.0), axis=0)   # columns that tell rows apart
+        cols = np.unique(np.concatenate([np.argsort(-spread, kind="stable")[:_SAMPLE_COLUMNS // 2],
+                                         np.linspace(0, m.shape[1] - 1, _SAMPLE_COLUMNS // 2).astype(int)]))
+        ca, cb = ma[:, cols], mb[:, cols]
+        best = cb[None, :, 0] - ca[:, None, 0]
+        for c in range(1, len(cols)):
+            np.maximum(best, cb[None, :, c] - ca[:, None, c], out=best)
+        lb += best
+        sampled.append(best)
+        if not (lb <= 0).any():
+            return none
+    a_ix, b_ix = np.nonzero(lb <= 0)
+    order = sorted(range(len(mats)), key=lambda e: mats[e].shape[1])
+    terms = np.array([sampled[e][a_ix, b_ix] for e in order]).reshape(len(order), len(a_ix))
+    base = cost[b_ix] - cost[a_ix]
+    for pos, e in enumerate(order):       # sampled terms become exact, cheapest edge first
+        if len(a_ix) == 0:
+            return none
+        ma, mb = mats_a[e], mats_b[e]
+        step = max(1, _PAIR_CHUNK // max(ma.shape[1], 1))
+        for lo in range(0, len(a_ix), step):
+            sl = slice(lo, lo + step)
+            terms[pos, sl] = _edge_gain(mb[b_ix[sl]], ma[a_ix[sl]])
+        keep = base + terms.sum(axis=0) <= 0
+        a_ix, b_ix, base, terms = a_ix[keep], b_ix[keep], base[keep], terms[:, keep]
     dom = none
     dom[a_ix, b_ix] = True
     return dom
