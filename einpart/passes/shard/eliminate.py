@@ -46,7 +46,6 @@ MAX_CAP = 32_000_000     # the cap grows up to this when the bound stalls with e
 TOTAL = 40_000_000       # entries of all tables of one pass together
 _TOL = 1e-9              # relative tolerance of "above the best known cost"
 STAR_DAMPING = 0.5       # share of a star update of the edge multipliers taken (1 diverged on PaLM)
-MEMORY_STEP = 1.0
 FINISH_AT = 1600         # strategies left at most when solve hands the graph to `finish`
 
 
@@ -503,7 +502,7 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
             if len(sides) == 2:
                 lam[binding[0]] = _crossing(sides[1], sides[-1])
             elif g @ g > 0:
-                lam[binding] = np.maximum(0.0, lam[binding] + MEMORY_STEP * theta * gap / float(g @ g) * g)
+                lam[binding] = np.maximum(0.0, lam[binding] + theta * gap / float(g @ g) * g)
     return result("feasible" if best is not None else "unknown")
 
 

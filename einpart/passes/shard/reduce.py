@@ -74,6 +74,15 @@ def _edge_gain(m_b, m_a):
     return (m_b - m_a).max(axis=-1)
 
 
+def _masked_gain(m_b, m_a):
+    """_edge_gain on matrices with inf: a column that a forbids (m_a inf) never
+    counts against b, one that only b forbids is +inf."""
+    with np.errstate(invalid="ignore"):
+        diff = m_b - m_a
+    diff[np.broadcast_to(np.isinf(m_a), diff.shape)] = -INF
+    return diff.max(axis=-1)
+
+
 def _dead_rows(dead, mats):
     """dom[a, b] for the strategies a that forbid every column of some edge:
     that edge's term is -inf, so a is dominated by every b except where
@@ -109,12 +118,10 @@ def _live_dominated_pairs(cost, mats, dead):
     """_dominated_pairs for the rows not `dead` (those rows come out False)."""
     k = len(cost)
     none = np.zeros((k, k), bool)
-    mats_a = [_as_a(m) for m in mats]
-    mats_b = [_as_b(m) for m in mats]
     if k * k * sum(m.shape[1] for m in mats) <= _FULL_TEST_MAX:   # small: sampling would not pay
         d = cost[None, :] - cost[:, None]
-        for ma, mb in zip(mats_a, mats_b):
-            d = d + _edge_gain(mb[None, :, :], ma[:, None, :])
+        for m in mats:
+            d = d + _edge_gain(_as_b(m)[None, :, :], _as_a(m)[:, None, :])
         np.fill_diagonal(d, INF)
         d[dead] = INF
         return d <= 0
@@ -122,32 +129,34 @@ def _live_dominated_pairs(cost, mats, dead):
     np.fill_diagonal(lb, INF)
     lb[dead] = INF
     sampled = []
-    for m, ma, mb in zip(mats, mats_a, mats_b):
-        spread = np.ptp(np.where(np.isfinite(m), m, 0.0), axis=0)   # columns that tell rows apart
-        cols = np.unique(np.concatenate([np.argsort(-spread, kind="stable")[:_SAMPLE_COLUMNS // 2],
-                                         np.linspace(0, m.shape[1] - 1, _SAMPLE_COLUMNS // 2).astype(int)]))
-        ca, cb = ma[:, cols], mb[:, cols]
-        best = cb[None, :, 0] - ca[:, None, 0]
-        for c in range(1, len(cols)):
-            np.maximum(best, cb[None, :, c] - ca[:, None, c], out=best)
-        lb += best
-        sampled.append(best)
-        if not (lb <= 0).any():
-            return none
-    a_ix, b_ix = np.nonzero(lb <= 0)
-    order = sorted(range(len(mats)), key=lambda e: mats[e].shape[1])
-    terms = np.array([sampled[e][a_ix, b_ix] for e in order]).reshape(len(order), len(a_ix))
-    base = cost[b_ix] - cost[a_ix]
-    for pos, e in enumerate(order):       # sampled terms become exact, cheapest edge first
-        if len(a_ix) == 0:
-            return none
-        ma, mb = mats_a[e], mats_b[e]
-        step = max(1, _PAIR_CHUNK // max(ma.shape[1], 1))
-        for lo in range(0, len(a_ix), step):
-            sl = slice(lo, lo + step)
-            terms[pos, sl] = _edge_gain(mb[b_ix[sl]], ma[a_ix[sl]])
-        keep = base + terms.sum(axis=0) <= 0
-        a_ix, b_ix, base, terms = a_ix[keep], b_ix[keep], base[keep], terms[:, keep]
+    with np.errstate(invalid="ignore"):     # (the masked form: faster here than the stand-ins, measured)
+        for m in mats:
+            spread = np.ptp(np.where(np.isfinite(m), m, 0.0), axis=0)   # columns that tell rows apart
+            cols = np.unique(np.concatenate([np.argsort(-spread, kind="stable")[:_SAMPLE_COLUMNS // 2],
+                                             np.linspace(0, m.shape[1] - 1, _SAMPLE_COLUMNS // 2).astype(int)]))
+            best = np.full((k, k), -INF)
+            for col in m[:, cols].T:
+                d = col[None, :] - col[:, None]
+                d[np.broadcast_to(np.isinf(col)[:, None], d.shape)] = -INF
+                np.maximum(best, d, out=best)
+            lb += best
+            sampled.append(best)
+            if not (lb <= 0).any():
+                return none
+        a_ix, b_ix = np.nonzero(lb <= 0)
+        order = sorted(range(len(mats)), key=lambda e: mats[e].shape[1])
+        terms = np.array([sampled[e][a_ix, b_ix] for e in order]).reshape(len(order), len(a_ix))
+        base = cost[b_ix] - cost[a_ix]
+        for pos, e in enumerate(order):       # sampled terms become exact, cheapest edge first
+            if len(a_ix) == 0:
+                return none
+            m = mats[e]
+            step = max(1, _PAIR_CHUNK // max(m.shape[1], 1))
+            for lo in range(0, len(a_ix), step):
+                sl = slice(lo, lo + step)
+                terms[pos, sl] = _masked_gain(m[b_ix[sl]], m[a_ix[sl]])
+            keep = base + terms.sum(axis=0) <= 0    # recomputed, as terms may be -inf
+            a_ix, b_ix, base, terms = a_ix[keep], b_ix[keep], base[keep], terms[:, keep]
     dom = none
     dom[a_ix, b_ix] = True
     return dom
