@@ -114,17 +114,11 @@ def _dominated_pairs(cost, mats):
     return dom
 
 
-def _live_dominated_pairs(cost, mats, dead):
-    """_dominated_pairs for the rows not `dead` (those rows come out False)."""
+def _sampled_bound(cost, mats, dead):
+    """lb[a, b] <= the exact dominance sum, from a few sampled columns per edge
+    (k x k work per column), and each edge's sampled term; (None, None) when
+    no pair is left (every lb > 0). Dead rows are left out (lb inf)."""
     k = len(cost)
-    none = np.zeros((k, k), bool)
-    if k * k * sum(m.shape[1] for m in mats) <= _FULL_TEST_MAX:   # small: sampling would not pay
-        d = cost[None, :] - cost[:, None]
-        for m in mats:
-            d = d + _edge_gain(_as_b(m)[None, :, :], _as_a(m)[:, None, :])
-        np.fill_diagonal(d, INF)
-        d[dead] = INF
-        return d <= 0
     lb = cost[None, :] - cost[:, None]          # lb[a, b]: a lower bound of the exact sum
     np.fill_diagonal(lb, INF)
     lb[dead] = INF
@@ -142,7 +136,25 @@ def _live_dominated_pairs(cost, mats, dead):
             lb += best
             sampled.append(best)
             if not (lb <= 0).any():
-                return none
+                return None, None
+    return lb, sampled
+
+
+def _live_dominated_pairs(cost, mats, dead):
+    """_dominated_pairs for the rows not `dead` (those rows come out False)."""
+    k = len(cost)
+    none = np.zeros((k, k), bool)
+    if k * k * sum(m.shape[1] for m in mats) <= _FULL_TEST_MAX:   # small: sampling would not pay
+        d = cost[None, :] - cost[:, None]
+        for m in mats:
+            d = d + _edge_gain(_as_b(m)[None, :, :], _as_a(m)[:, None, :])
+        np.fill_diagonal(d, INF)
+        d[dead] = INF
+        return d <= 0
+    lb, sampled = _sampled_bound(cost, mats, dead)
+    if lb is None:
+        return none
+    with np.errstate(invalid="ignore"):
         a_ix, b_ix = np.nonzero(lb <= 0)
         order = sorted(range(len(mats)), key=lambda e: mats[e].shape[1])
         terms = np.array([sampled[e][a_ix, b_ix] for e in order]).reshape(len(order), len(a_ix))
@@ -160,6 +172,92 @@ def _live_dominated_pairs(cost, mats, dead):
     dom = none
     dom[a_ix, b_ix] = True
     return dom
+
+
+_SKYLINE_PAIRS = 100  # candidate pairs per strategy above which a node's kept set comes from _skyline (measured: it loses below ~60)
+
+
+def _undominated(dom):
+    """The strategies the sequential removal keeps (dom[a, b]: b dominates a):
+    a goes when some b still kept dominates it, in index order."""
+    mask = np.ones(len(dom), bool)
+    for a in np.flatnonzero(dom.any(axis=1)):
+        if (dom[a] & mask).any():
+            mask[a] = False
+    return mask
+
+
+def _skyline(cost, mats, cand, le):
+    """_undominated of the full dominance relation without testing every
+    candidate pair. The relation is transitive, so the sequential removal keeps
+    exactly the strategies that no other beats (b beats a: b dominates a, and
+    a does not dominate b or b has the larger index). If b dominates a, then
+    g(b) <= g(a) for g = cost + each edge's row minimum (take a's cheapest
+    column), so in the order of g a strategy can only be beaten by one before
+    it (or by one of about equal g: those groups are settled pairwise) and one
+    kept is never beaten later: each strategy is tested only against the kept
+    ones that the sampled test (cand) leaves. le: usage condition or None."""
+    k = len(cost)
+    with np.errstate(invalid="ignore"):
+        g = cost + sum(np.where(np.isfinite(m), m, INF).min(axis=1) for m in mats)
+    order = np.argsort(g, kind="stable")
+    tol = 1e-9 * (1.0 + np.abs(g[order]))      # well above rounding, far below any real difference
+    kept: list = []
+    i = 0
+    while i < k:
+        j = i + 1
+        while j < k and g[order[j]] - g[order[i]] <= tol[i]:
+            j += 1
+        group = np.sort(order[i:j])
+        alive = np.asarray(kept, dtype=int)
+        left = []
+        for a in group:
+            bs = alive[cand[a, alive]] if len(alive) else alive
+            if len(bs):
+                total = cost[bs] - cost[a]
+                with np.errstate(invalid="ignore"):
+                    for m in mats:
+                        total = total + _masked_gain(m[bs], m[a][None, :])
+                if (total <= 0).any():
+                    continue
+            left.append(a)
+        if len(left) > 1:      # about equal g: the sequential removal among them, by index
+            sub = np.asarray(left)
+            dom = _dominated_pairs(cost[sub], [m[sub] for m in mats])
+            if le is not None:
+                dom &= le[np.ix_(sub, sub)].T
+            np.fill_diagonal(dom, False)
+            left = list(sub[_undominated(dom)])
+        kept += left
+        i = j
+    mask = np.zeros(k, bool)
+    mask[kept] = True
+    return mask
+
+
+def _kept(cost, mats, le=None):
+    """The strategies dominance keeps: _undominated of _dominated_pairs (with
+    the usage condition le[a, b]: a uses no more than b, for memory-relevant
+    nodes), through _skyline when the sampled test leaves many candidate
+    pairs (PaLM 540B: a 454-strategy node with 78k dominated pairs)."""
+    k = len(cost)
+    dead = np.zeros(k, bool)
+    for m in mats:
+        dead |= np.isinf(m).all(axis=1)
+    if k * k * sum(m.shape[1] for m in mats) > _FULL_TEST_MAX and not dead.any():
+        lb, _ = _sampled_bound(cost, mats, dead)
+        if lb is None:
+            return np.ones(k, bool)
+        cand = lb <= 0
+        if le is not None:
+            cand &= le.T
+        if cand.sum() > _SKYLINE_PAIRS * k:
+            return _skyline(cost, mats, cand, le)
+    dom = _dominated_pairs(cost, mats)
+    if le is not None:
+        dom &= le.T
+    np.fill_diagonal(dom, False)
+    return _undominated(dom)
 
 
 def _fin(a):
@@ -414,16 +512,7 @@ class Work:
             if k <= 1 or not np.isfinite(self.cost[i]).all():
                 continue
             mats = [self.mat(eid, i) for eid in self.adj[i].values()]
-            dom = _dominated_pairs(self.cost[i], mats)
-            if mem is not None and not mem[2][i]:
-                dom &= self._usage_le(i).T
-            np.fill_diagonal(dom, False)
-            if not dom.any():
-                continue
-            mask = np.ones(k, bool)
-            for a in np.flatnonzero(dom.any(axis=1)):
-                if (dom[a] & mask).any():
-                    mask[a] = False
+            mask = _kept(self.cost[i], mats, self._usage_le(i) if mem is not None and not mem[2][i] else None)
             changed |= self.keep(i, mask, "strategies_dominated")
         return changed
 
