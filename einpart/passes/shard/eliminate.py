@@ -182,22 +182,22 @@ def junction_pass(work: Work, cost: dict, relaxation) -> Pass:
         if p >= 0:
             children[p].append(k)
     up = [None] * len(order)
-    arg = [None] * len(order)
     for k, v in enumerate(order):
         b = psi[k]
         for c in children[k]:
             b = b + _expand(seps[c], up[c], cliques[k])
-        if b.flags.c_contiguous:
-            arg[k] = b.argmin(axis=-1)
-            up[k] = np.take_along_axis(b, arg[k][..., None], axis=-1)[..., 0]
-        else:
-            up[k], arg[k] = b.min(axis=-1), b.argmin(axis=-1)
+        up[k] = b.min(axis=-1)
     roots = [k for k, p in enumerate(parent) if p < 0]
     bound = work.const + sum(float(up[k]) for k in roots)
     plan: dict = {}
     for k in reversed(range(len(order))):
+        # the argmin of the upward table at the separator's choice, from its row alone (the
+        # same sums in the same order, so the same argmin as over the whole table)
         ix = tuple(plan[x] for x in seps[k])
-        plan[order[k]] = int(arg[k][ix])
+        row = psi[k][ix]
+        for c in children[k]:
+            row = row + np.broadcast_to(_expand(seps[c], up[c], cliques[k]), psi[k].shape)[ix]
+        plan[order[k]] = int(np.argmin(row))
     root = list(range(len(order)))
     for k in reversed(range(len(order))):
         if parent[k] >= 0:
