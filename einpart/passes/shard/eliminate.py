@@ -161,10 +161,11 @@ def junction_pass(work: Work, cost: dict, relaxation) -> Pass:
     """Bound, plan and min-marginals of the graph in `work` with only the edges
     `kept` (relaxation = (kept, order, separators) from _relaxation) and the
     node costs `cost` ({node: array}, e.g. priced): two passes over the bucket
-    tree (upward: min over the eliminated node, with its argmin for the plan;
-    downward: the rest of the tree's message into each table). Each table has
-    its eliminated node as the last axis, so the upward min and argmin run
-    over contiguous memory."""
+    tree (upward: min over the eliminated node; downward: the rest of the
+    tree's message into each table). Each table has its eliminated node as the
+    last axis, so the upward min runs over contiguous memory, and the tables
+    are summed into three scratch buffers of the largest table's size (fresh
+    arrays of up to 4e6 entries cost page faults on every pass)."""
     kept, order, seps = relaxation
     pos = {v: k for k, v in enumerate(order)}
     cliques = [s + (v,) for v, s in zip(order, seps)]
@@ -181,11 +182,20 @@ def junction_pass(work: Work, cost: dict, relaxation) -> Pass:
     for k, p in enumerate(parent):
         if p >= 0:
             children[p].append(k)
+    largest = max(p.size for p in psi)
+    pool: list = []
+
+    def scratch(i, shape):      # buffer i as an array of `shape` (every table is at most `largest`)
+        while len(pool) <= i:
+            pool.append(np.empty(largest))
+        return pool[i][:math.prod(shape)].reshape(shape)
     up = [None] * len(order)
     for k, v in enumerate(order):
         b = psi[k]
-        for c in children[k]:
-            b = b + _expand(seps[c], up[c], cliques[k])
+        for n, c in enumerate(children[k]):
+            out = scratch(0, psi[k].shape)
+            np.add(b, _expand(seps[c], up[c], cliques[k]), out=out)
+            b = out
         up[k] = b.min(axis=-1)
     roots = [k for k, p in enumerate(parent) if p < 0]
     bound = work.const + sum(float(up[k]) for k in roots)
@@ -208,9 +218,11 @@ def junction_pass(work: Work, cost: dict, relaxation) -> Pass:
         C = cliques[k]
         v = order[k]
         extra = bound - float(up[root[k]])      # const plus the other components' optima
-        base = psi[k] + _expand(seps[k], down[k], C) if down[k] is not None else psi[k]
+        shape = psi[k].shape
+        base = np.add(psi[k], _expand(seps[k], down[k], C), out=scratch(0, shape)) if down[k] is not None \
+            else psi[k]
         msgs = [_expand(seps[c], up[c], C) for c in children[k]]
-        full = base + sum(msgs) if msgs else base
+        full = np.add(base, sum(msgs), out=scratch(1, shape)) if msgs else base
         partners = [u for u, eid in work.adj[v].items() if eid in kept and pos[u] > k]
         pairs = _pair_mins(full, C, v, partners) if partners else {}
         if pairs:       # v's min-marginal from the smallest pair table (exact: a min of mins)
@@ -221,8 +233,11 @@ def junction_pass(work: Work, cost: dict, relaxation) -> Pass:
             eid = work.adj[v][u]
             pair_mm[eid] = (t if work.ends[eid][0] == v else t.T) + extra
         for j, c in enumerate(children[k]):
-            t = base + sum(m for i, m in enumerate(msgs) if i != j) if len(msgs) > 1 else base
+            t = np.add(base, sum(m for i, m in enumerate(msgs) if i != j), out=scratch(2, shape)) \
+                if len(msgs) > 1 else base
             d, vs = _min_to(np.broadcast_to(t, full.shape), C, set(seps[c]))
+            if len(vs) == len(C):       # nothing reduced: d is a scratch buffer, reused below
+                d = d.copy()
             down[c] = np.transpose(d, [vs.index(x) for x in seps[c]])
     return Pass(bound, plan, node_mm, pair_mm, len(work.emat) - len(kept))
 
