@@ -192,7 +192,7 @@ def junction_pass(work: Work, cost: dict, relaxation) -> Pass:
     up = [None] * len(order)
     for k, v in enumerate(order):
         b = psi[k]
-        for n, c in enumerate(children[k]):
+        for c in children[k]:
             out = scratch(0, psi[k].shape)
             np.add(b, _expand(seps[c], up[c], cliques[k]), out=out)
             b = out
@@ -508,7 +508,7 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
         if flat >= 6 and dropped and cap < max_cap:      # the relaxation is too weak: keep more edges
             cap, total, flat, theta = min(4 * cap, max_cap), 4 * total, 0, 1.0
             stats["cap"] = cap
-        _star_updates(side, ends, p, before, duals, STAR_DAMPING)
+        _star_updates(side, ends, p, before, duals)
         if len(binding):
             g = (_usage(work, parts, p.plan) - bvec)[binding]
             if len(binding) == 1 and g[0] != 0:
