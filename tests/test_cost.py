@@ -127,6 +127,26 @@ def test_fast_reshard_price_matches_layout_reshard():
         assert got == pytest.approx(want, rel=1e-12, abs=1e-18)
 
 
+def test_positional_reshard_makes_layout_reshards_moves():
+    """cost._positional_reshard (the planner's fast path) returns layout.reshard's
+    moves, in its order, for every pair of layouts of three indices on a
+    three-axis mesh: all-to-alls, their ordering cycles and the gathers."""
+    from einpart.passes.shard.cost import _positional_reshard
+    mesh = (("x", 2), ("y", 2), ("z", 2))
+    idx = ("a", "b", "c")
+    layouts = enumerate_layouts(idx, [{"a": 8, "b": 8, "c": 8}], mesh)
+    key = lambda lt: tuple(tuple(lt.get(i, ())) for i in idx)  # noqa: E731
+    kinds = set()
+    for src in layouts:
+        for dst in layouts:
+            moves = lay.reshard(src, dst, idx)
+            want = tuple((c.kind, idx.index(c.index), c.axes, idx.index(c.other) if c.other else -1) for c in moves)
+            assert _positional_reshard(key(src), key(dst)) == want, (src, dst)
+            kinds |= {c.kind for c in moves}
+    assert kinds == {"all_gather", "slice", "all_to_all"}
+    assert len(layouts) > 50
+
+
 def test_enumerated_splits_are_legal_and_complete():
     gr = parse_file("examples/palm.ein")
     sizes = index_sizes(gr)

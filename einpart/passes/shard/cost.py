@@ -473,11 +473,45 @@ def reshard_moves(src: tuple, want: tuple) -> tuple:
     key = (src, want)
     got = _MOVES.get(key)
     if got is None:
-        names = _NAMES[:len(src)]
-        pos = {n: j for j, n in enumerate(names)}
-        moves = lay.reshard(dict(zip(names, src)), dict(zip(names, want)), names)
-        got = _MOVES[key] = tuple((c.kind, pos[c.index], c.axes, pos.get(c.other, -1)) for c in moves)
+        got = _MOVES[key] = _positional_reshard(src, want)
     return got
+
+
+def _positional_reshard(src: tuple, want: tuple) -> tuple:
+    """layout.reshard's algorithm on per-axis tuples, with positions for
+    indices and plain tuples for moves: the same moves in the same order
+    (tests/test_layouts.py checks it against layout.reshard), without the
+    dicts and Collective objects (the first plan of a process prices ~50k
+    layout pairs, and this was most of that cost)."""
+    gathers, slices = [], []
+    for j, (a, b) in enumerate(zip(src, want)):
+        if a == b:
+            continue
+        keep = 0
+        while keep < min(len(a), len(b)) and a[keep] == b[keep]:
+            keep += 1
+        if a[keep:]:
+            gathers.append((j, a[keep:]))
+        if b[keep:]:
+            slices.append((j, b[keep:]))
+    moves, pairs = [], []
+    for gj, gax in gathers:
+        match = next((sl for sl in slices if sl[1] == gax), None) if len(gax) == 1 else None
+        if match is not None:
+            slices.remove(match)
+            pairs.append(("all_to_all", match[0], gax, gj))
+        else:
+            moves.append(("all_gather", gj, gax, -1))
+    while pairs:
+        ready = next((p for p in pairs if not any(q[3] == p[1] for q in pairs if q is not p)), None)
+        if ready is not None:
+            pairs.remove(ready)
+            moves.append(ready)
+        else:
+            p = pairs.pop(0)
+            moves.insert(0, ("all_gather", p[3], p[2], -1))
+            slices.append((p[1], p[2]))
+    return tuple(moves) + tuple(("slice", j, ax, -1) for j, ax in slices)
 
 
 def reshard_coeffs(src: tuple, want: tuple, pricer: Pricer) -> tuple[float, float]:
