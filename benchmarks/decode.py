@@ -66,9 +66,11 @@ def random_weights(expected: dict, dtype, seed: int = 0) -> dict:
 
 
 def kernel_calls(source: str, program: str) -> int:
-    """How many int8_gemv calls (codegen/int8_matmul.py) a generated program makes."""
+    """How many int8 kernel calls (int8_gemv, and int8_gemv_siblings for products that share
+    their activation; codegen/int8_matmul.py) a generated program makes."""
     start = source.index(f"\ndef {program}(")
-    return source[start:source.index("\ndef ", start + 1)].count("int8_gemv(")
+    body = source[start:source.index("\ndef ", start + 1)]
+    return body.count("int8_gemv(") + body.count("int8_gemv_siblings(")
 
 
 def attention_used(source: str, program: str) -> str:

@@ -85,8 +85,8 @@ def main(argv=None) -> int:
         for i in range(steps.shape[1]):
             got.append(np.asarray(ex.decode(steps[:, i], args.prompt + i), np.float64))
         source = ex.source(batch, args.prompt)          # which products the kernel took, per program
-        calls = {prog: source[source.index(f"\ndef {prog}("):].split("\ndef ", 2)[1].count("int8_gemv(")
-                 for prog in ("prefill", "decode")}
+        bodies = {prog: source[source.index(f"\ndef {prog}("):].split("\ndef ", 2)[1] for prog in ("prefill", "decode")}
+        calls = {prog: b.count("int8_gemv(") + b.count("int8_gemv_siblings(") for prog, b in bodies.items()}
         errs = [float(np.abs(g - np.asarray(w, np.float64)).max() / np.abs(w).max()) for g, w in zip(got, want)]
         rows.append({"layers": layers, "attention": attention, "pipeline": pipeline, "int8_matmul": int8_matmul,
                      "gemv_calls": calls,

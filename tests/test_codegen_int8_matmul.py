@@ -5,7 +5,9 @@ einpart/codegen/int8_matmul.py).
   (kernels.int8_gemv.interpreted), gives the reference interpreter's logits for prefill
   and decode, scanned and unrolled, on a mesh that splits the weights: with batch 1 the
   prompt's 5 rows go through the kernel too, with batch 2 (10 rows) prefill keeps the
-  einsums;
+  einsums; products that share their activation (q / kn / vn, gate / up) run as one
+  int8_gemv_siblings call where the plan leaves their weights in place (the simple plans,
+  on 2 and 4 devices), and as single calls where it moves them (the random plan);
 - in a bf16 spec the kernel program agrees with the einsum program;
 - the source holds the calls (and the one import) exactly when expected: "xla" and auto
   off CUDA are the einsum code, auto on CUDA uses the kernel for one local row only
@@ -22,7 +24,8 @@ import pytest
 
 from conftest import spec_path
 from einpart.codegen import generate_source, random_plan, simple_plan
-from einpart.codegen.int8_matmul import KERNEL_IMPORT, KERNEL_MAX_ROWS, gemv_form, kernel_statements
+from einpart.codegen.int8_matmul import (KERNEL_IMPORT, KERNEL_MAX_ROWS, gemv_form, kernel_calls, kernel_statements,
+                                         sibling_groups)
 from einpart.codegen.lower import split_prepare
 from einpart.errors import EinpartError
 from einpart.ir import graph as g
@@ -32,6 +35,7 @@ from einpart.passes import run_pipeline
 from test_codegen import assert_close, make_params
 
 CALL = "int8_gemv("
+SIBLINGS = "int8_gemv_siblings("
 LLAMA = spec_path("llama").read_text()
 PROMPT_LEN = 5
 
@@ -49,11 +53,15 @@ def programs(src: str) -> tuple[str, str]:
     return src[start:mid], src[mid:src.index("\ndef programs(")]
 
 
-CASES = [(1, "scan"), (2, "scan"), (2, "unroll")]
+def calls_in(src: str) -> int:
+    return src.count(CALL) + src.count(SIBLINGS)
 
 
-@pytest.mark.parametrize("batch,layers", CASES, ids=[f"b{b}-{lay}" for b, lay in CASES])
-def test_kernel_program_matches_reference(batch, layers):
+CASES = [(1, "scan", "simple"), (2, "scan", "simple"), (2, "unroll", "random"), (1, "unroll", "simple2x2")]
+
+
+@pytest.mark.parametrize("batch,layers,plan", CASES, ids=[f"b{b}-{lay}-{p}" for b, lay, p in CASES])
+def test_kernel_program_matches_reference(batch, layers, plan):
     from einpart.runtime import Executable
     from einpart.runtime.kernels.int8_gemv import interpreted
     graph, params = int8_llama(batch)
@@ -62,16 +70,25 @@ def test_kernel_program_matches_reference(batch, layers):
     prompt = rng.integers(0, 256, (batch, PROMPT_LEN)).astype(np.int32)
     steps = rng.integers(0, 256, (batch, 2)).astype(np.int32)
     state = ref.new_state(batch)
-    planned = random_plan(graph, {"x": 2, "y": 2}, seed=5) if layers == "unroll" else simple_plan(graph, {"x": 2})
+    planned = {"random": lambda: random_plan(graph, {"x": 2, "y": 2}, seed=5),
+               "simple": lambda: simple_plan(graph, {"x": 2}),
+               "simple2x2": lambda: simple_plan(graph, {"x": 2, "y": 2})}[plan]()
     with interpreted():        # the kernel runs in the Pallas interpreter (traced at compile time)
         ex = Executable(planned, weights=params, layers=layers, int8_matmul="pallas", prefill_len=PROMPT_LEN)
-        calls = [p.count(CALL) for p in programs(ex.source())]
+        srcs = programs(ex.source())
         # llama's 7 weight products in the layer body (a loop over the layers' arrays when unrolled) and
-        # the lm head in decode; in prefill as many as the plan leaves at most 8 local rows (all at batch 1)
-        pgs = ex._programs_for(batch, ex.prefill_len)
-        assert calls == [len(kernel_statements(split_prepare(pgs[p])[0], "pallas", None))
-                         for p in ("prefill", "decode")]
-        assert calls[1] == 8 and (calls[0] == 8 or batch > 1)
+        # the lm head in decode; in prefill as many as the plan leaves at most 8 local rows (all at batch 1);
+        # q / kn / vn and gate / up one call each unless the plan moves their weights
+        pgs = [split_prepare(ex._programs_for(batch, ex.prefill_len)[p])[0] for p in ("prefill", "decode")]
+        assert [calls_in(p) for p in srcs] == [kernel_calls(pg, "pallas", None) for pg in pgs]
+        assert [len(kernel_statements(pg, "pallas", None)) for pg in pgs][1] == 8
+        groups = {m for m, _ in sibling_groups(pgs[1], "pallas", None).values()}
+        if plan == "random":
+            assert not groups and srcs[1].count(CALL) == 8 and SIBLINGS not in srcs[1]
+        else:
+            assert groups == {("kn_raw", "q_raw", "vn_raw"), ("gate_raw", "up_raw")}
+            assert srcs[1].count(SIBLINGS) == 2 and srcs[1].count(CALL) == 3     # + wo, w_down, lm head
+            assert srcs[0].count(SIBLINGS) == (2 if batch == 1 else 0)
         want, state = ref.step(prompt, 0, state)
         assert_close(ex.prefill(prompt), want, "prefill")
         for i in range(2):
@@ -106,17 +123,20 @@ def test_source_holds_the_kernel_exactly_when_expected():
         assert src.replace("int8_matmul=auto; ", "") == xla
     pallas = generate_source(planned, int8_matmul="pallas")
     pre, dec = programs(pallas)
-    assert pallas.count(KERNEL_IMPORT) == 1 and pre.count(CALL) == 0 and dec.count(CALL) == 8
-    assert "t_gate_raw = int8_gemv(t_h2.astype(jnp.bfloat16).reshape(2, 64), t_w_gate_i8.reshape(64, 80), " \
-           "out_dtype=jnp.bfloat16).reshape((2, 1, 80))" in dec
+    assert pallas.count(KERNEL_IMPORT + ", int8_gemv_siblings\n") == 1 and calls_in(pre) == 0
+    assert dec.count(CALL) == 3 and dec.count(SIBLINGS) == 2     # wo, w_down, lm head; q / kn / vn, gate / up
+    assert ("t_gate_raw, t_up_raw = int8_gemv_siblings(t_h2.astype(jnp.bfloat16).reshape(2, 64), "
+            "(t_w_gate_i8.reshape(64, 80), t_w_up_i8.reshape(64, 80)), out_dtype=jnp.bfloat16)\n") in dec
+    assert "t_gate_raw = t_gate_raw.reshape((2, 1, 80))\n" in dec and "t_up_raw = t_up_raw.reshape((2, 1, 80))\n" in dec
+    assert dec.count("# (computed by the int8_gemv_siblings call of") == 3   # up_raw; two of kn_raw, q_raw, vn_raw
     # auto on CUDA: the kernel for one local row (AUTO_MAX_ROWS: it lost to the i8 dot at 2 on an H200)
     auto = generate_source(planned, int8_matmul="auto", platform="cuda")
     assert auto.replace("int8_matmul=auto; ", "") == xla
     one, _ = int8_llama(1, "int8,cast{dtype=bf16}")
     one = simple_plan(one, {"x": 2})
     auto, forced = (programs(generate_source(one, int8_matmul=m, platform="cuda")) for m in ("auto", "pallas"))
-    assert auto[1].replace("=auto)", "=pallas)") == forced[1] and auto[1].count(CALL) == 8   # decode: the same calls
-    assert auto[0].count(CALL) == 0 and forced[0].count(CALL) == 8  # prefill's 8 rows: einsums under auto
+    assert auto[1].replace("=auto)", "=pallas)") == forced[1] and calls_in(auto[1]) == 5   # decode: the same calls
+    assert calls_in(auto[0]) == 0 and calls_in(forced[0]) == 5  # prefill's 8 rows: einsums under auto
     # no int8 weights: nothing to route
     plain = simple_plan(run_pipeline(parse(LLAMA), "cast{dtype=bf16}").graph, {"x": 2})
     assert CALL not in generate_source(plain, int8_matmul="pallas")

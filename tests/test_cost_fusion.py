@@ -216,6 +216,39 @@ def test_int8_matmul_pallas_prices_the_gemv_kernel():
         price_graph(gr, gpu, int8_matmul="cuda")
 
 
+SIBLINGS = """
+size B = 1, D = 8, E = 16
+index b: B, d: D, e: E
+input x[b, d] : bf16
+param w1[d, e] : i8
+param w2[d, e] : i8
+param w3[e, d] : i8
+y1[b, e] : bf16 = x[b, d] * w1[d, e]
+y2[b, e] : bf16 = x[b, d] * w2[d, e]
+a[b, e] : bf16 = y1[b, e] * y2[b, e]
+z[b, d] = a[b, e] * w3[e, d]
+output z
+"""
+
+
+def test_int8_products_that_share_their_activation_are_one_kernel():
+    """y1 and y2 read the same x: codegen computes both with one int8_gemv_siblings call
+    (codegen.int8_matmul.sibling_groups), so y2 launches no kernel of its own; each still
+    reads its weight (128 elements at int8_gemv_bytes) and x. z (another input) is a call
+    of its own. Through XLA's GEMM (or off the kernel path) each product is a kernel."""
+    gpu = replace(hw(kernel_s=0.5), convert_kernel=True, int8_gemm_bytes=1.5, int8_gemv_bytes=0.75)
+    graph = parse(SIBLINGS)
+    x_and_out = 8 * 2 + 16 * 2
+    assert lowering(graph, gpu, int8_matmul="pallas").shared == {"y2"}
+    assert lowering(graph, gpu, int8_matmul="xla").shared == set()
+    rep = price_graph(graph, gpu, int8_matmul="pallas")
+    assert (rep.stmt("y1").launch_s, rep.stmt("y2").launch_s, rep.stmt("z").launch_s) == (0.5, 0.0, 0.5)
+    assert rep.stmt("y1").memory_s == rep.stmt("y2").memory_s == x_and_out + 128 * 0.75
+    xla = price_graph(graph, gpu, int8_matmul="xla")
+    assert (xla.stmt("y1").launch_s, xla.stmt("y2").launch_s) == (0.5, 0.5)
+    assert xla.launch_s - rep.launch_s == 0.5
+
+
 def test_int8_gemm_bytes_is_the_measured_int8_matvec_ratio(tmp_path):
     """The H100/H200 presets' and the calibrated file's int8_gemm_bytes are twice the
     fused int8 GEMM's time over the bf16 GEMM's at batch 1 (benchmarks/int8_matvec.py

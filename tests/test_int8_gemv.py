@@ -6,7 +6,11 @@
 - off the GPU, without `interpret`, it is the jnp reference; interpreted() switches the
   kernel on for code that calls it with no argument (the generated programs);
 - split_for keeps whole loop steps per split and the grid near its target;
-- bad operands and configs raise EinpartError with exact messages.
+- bad operands and configs raise EinpartError with exact messages;
+- int8_gemv_siblings (several weights sharing x, one launch) computes each x @ w_i: checked
+  against float64 products for weights of different widths (masked strip edges inside the
+  shared output), split and unsplit, both views, several rows; its jaxpr holds one
+  pallas_call; its default config covers the group's strips; bad groups get exact messages.
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from einpart.errors import EinpartError
-from einpart.runtime.kernels.int8_gemv import (MAX_ROWS, Int8GemvConfig, default_gemv_config, gemv_programs,
-                                               int8_gemv, int8_gemv_reference, interpreted, split_for)
+from einpart.runtime.kernels.int8_gemv import (MAX_ROWS, TARGET_PROGRAMS, Int8GemvConfig, default_gemv_config,
+                                               default_siblings_config, gemv_programs, int8_gemv, int8_gemv_reference,
+                                               int8_gemv_siblings, interpreted, split_for)
 
 
 def operands(m, k, n, dtype=jnp.bfloat16, seed=0):
@@ -147,4 +152,62 @@ def test_config_type_and_i32_columns():
     assert str(e.value) == "int8_gemv: config must be an Int8GemvConfig, got dict"
     with pytest.raises(EinpartError) as e:
         int8_gemv(x, w, Int8GemvConfig(64, layout="i32"))
+    assert str(e.value) == "int8_gemv: layout 'i32' needs N divisible by 4 (4 columns per word), got N = 66"
+
+
+SIBLING_CASES = [  # (m, k, widths, config)
+    (1, 256, (512, 128, 128), None),                                               # q / k / v shaped, default
+    (2, 200, (300, 64, 136), Int8GemvConfig(64, 8, 2, 3)),                         # K and N edges inside the output
+    (1, 256, (256, 136), Int8GemvConfig(64, 16, 2, 4, layout="i32")),             # i32 view, a masked strip
+    (3, 64, (40, 24), Int8GemvConfig(32, 8, 1, 1)),                                # one split: y stored directly
+]
+
+
+@pytest.mark.parametrize("m,k,ns,cfg", SIBLING_CASES, ids=[f"m{c[0]}-{c[1]}x{'+'.join(map(str, c[2]))}"
+                                                           for c in SIBLING_CASES])
+def test_siblings_compute_each_product(m, k, ns, cfg):
+    x, _ = operands(m, k, 8)
+    ws = [operands(m, k, n, seed=i)[1] for i, n in enumerate(ns)]
+    ys = int8_gemv_siblings(x, tuple(ws), cfg, interpret=True)
+    assert len(ys) == len(ws)
+    for y, w in zip(ys, ws):
+        check_product(y, x, w)
+    yf = int8_gemv_siblings(x, tuple(ws), cfg, out_dtype=jnp.float32, interpret=True)
+    for y, w in zip(yf, ws):
+        assert y.dtype == jnp.float32
+        check_product(y, x, w)
+
+
+def test_siblings_are_one_launch_and_the_default_config_covers_the_group():
+    x, _ = operands(1, 512, 8)
+    ws = tuple(operands(1, 512, n, seed=n)[1] for n in (1024, 256, 256))
+    jaxpr = str(jax.make_jaxpr(lambda x, *ws: int8_gemv_siblings(x, ws, interpret=True))(x, *ws))
+    assert jaxpr.count("pallas_call[") == 1
+    cfg = default_siblings_config(1, 512, (1024, 256, 256))
+    assert cfg == default_gemv_config(1, 512, 2048) and cfg.block_n == 512
+    strips = 2 + 1 + 1
+    assert strips * cfg.splits <= TARGET_PROGRAMS and (512 // 32) % cfg.splits == 0
+    # Llama-8B q / k / v: 12 strips of 512 columns, 32 splits (384 programs)
+    assert default_siblings_config(1, 4096, (4096, 1024, 1024)).splits == 32
+    # one weight: the same call as int8_gemv
+    np.testing.assert_array_equal(np.asarray(int8_gemv_siblings(x, ws[:1], interpret=True)[0]),
+                                  np.asarray(int8_gemv(x, ws[0], interpret=True)))
+    # off the GPU without interpret: the reference for each weight
+    for y, w in zip(int8_gemv_siblings(x, ws), ws):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(int8_gemv_reference(x, w)))
+
+
+def test_bad_sibling_groups():
+    x, w = operands(1, 64, 64)
+    with pytest.raises(EinpartError) as e:
+        int8_gemv_siblings(x, ())
+    assert str(e.value) == "int8_gemv_siblings: ws must be a non-empty tuple of int8 weights, got tuple"
+    with pytest.raises(EinpartError) as e:
+        int8_gemv_siblings(x, w)
+    assert str(e.value) == "int8_gemv_siblings: ws must be a non-empty tuple of int8 weights, got ArrayImpl"
+    with pytest.raises(EinpartError) as e:
+        int8_gemv_siblings(x, (w, jnp.zeros((32, 64), jnp.int8)))
+    assert str(e.value) == "int8_gemv: x [M, K] = (1, 64) and w [K, N] = (32, 64) disagree on K"
+    with pytest.raises(EinpartError) as e:
+        int8_gemv_siblings(x, (w, operands(1, 64, 66)[1]), Int8GemvConfig(64, layout="i32"))
     assert str(e.value) == "int8_gemv: layout 'i32' needs N divisible by 4 (4 columns per word), got N = 66"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from ..errors import EinpartError
 from ..ir import graph as g
-from .code import DTYPE_CODE, tuple_code
+from .code import DTYPE_CODE, one_line, tuple_code
 
 INT8_MATMUL_MODES = ("xla", "pallas", "auto")
 KERNEL_MAX_ROWS = 8          # einpart.runtime.kernels.int8_gemv.MAX_ROWS (a test checks that they agree)
@@ -35,6 +35,12 @@ KERNEL_MAX_ROWS = 8          # einpart.runtime.kernels.int8_gemv.MAX_ROWS (a tes
 # batch 1 0.364 ms against 0.481 bf16 and 0.564 i8-dot; batch 2 0.694 against 0.495 and 0.386)
 AUTO_MAX_ROWS = 1
 KERNEL_IMPORT = "from einpart.runtime.kernels.int8_gemv import int8_gemv"
+
+
+def kernel_import(plain: bool, siblings: bool) -> str:
+    """The generated module's import of the kernel entry points it calls."""
+    return KERNEL_IMPORT + (", int8_gemv_siblings" if siblings else "") if plain else (
+        "from einpart.runtime.kernels.int8_gemv import int8_gemv_siblings")
 
 
 def check_int8_matmul_mode(mode: str) -> str:
@@ -96,17 +102,48 @@ def kernel_statements(graph: g.Graph, mode: str, platform: str | None) -> set:
     whose product the generated code computes with the kernel under `mode`: the emitter's
     decision (Int8MatmulEmitter) from the graph alone, for the cost model
     (passes/shard/fusion.py) to price."""
-    from ..ir.layout import parts, stmt_split
+    return {name for name, _, _ in _kernel_products(graph, mode, platform)}
+
+
+def sibling_groups(graph: g.Graph, mode: str, platform: str | None) -> dict:
+    """Kernel statements whose products share their activation, computed by ONE
+    int8_gemv_siblings call (Llama's q / kn / vn from h1, gate / up from h2): statement
+    name -> (its group's members in statement order, their gemv forms), for groups of two
+    or more. Members agree on the activation (the same ref, moved the same way, so the
+    first member's operand code serves all), the summed axes and rows, the product and
+    result dtypes; their weights are loaded as declared (no moves), so each exists where
+    the group's first member is emitted. Within one block (the layer body or the top)."""
+    by_key: dict = {}
+    for name, key, form in _kernel_products(graph, mode, platform):
+        if key is not None:
+            by_key.setdefault(key, []).append((name, form))
+    out = {}
+    for members in by_key.values():
+        if len(members) > 1:
+            group = (tuple(n for n, _ in members), tuple(f for _, f in members))
+            out.update((n, group) for n, _ in members)
+    return out
+
+
+def kernel_calls(graph: g.Graph, mode: str, platform: str | None) -> int:
+    """How many kernel calls the generated code makes (a sibling group is one call)."""
+    groups = {members for members, _ in sibling_groups(graph, mode, platform).values()}
+    return len(kernel_statements(graph, mode, platform)) - sum(len(m) - 1 for m in groups)
+
+
+def _kernel_products(graph: g.Graph, mode: str, platform: str | None):
+    """(statement name, sibling key or None, gemv form) of each kernel statement."""
+    from ..ir.layout import parts, plan_stmt, stmt_split
     from ..ir.verify import index_sizes
     check_int8_matmul_mode(mode)
     if not kernel_rows_limit(mode, platform):
-        return set()
+        return []
     types, mesh, idx = graph.types(), dict(graph.mesh), index_sizes(graph)
     params = {d.name for d, _ in graph.all_decls() if d.kind == "param"}
     storage = next((d.type.dtype for d, _ in graph.all_decls()
                     if d.kind == "param" and d.type.dtype in ("bf16", "f16")), None)
-    chosen = set()
-    for s, _ in graph.all_stmts():
+    chosen = []
+    for s, owner in graph.all_stmts():
         if not isinstance(s.op, g.Compute) or s.op.reduce != "sum":
             continue
         factors = g.product_factors(s.op.expr)
@@ -118,14 +155,27 @@ def kernel_statements(graph: g.Graph, mode: str, platform: str | None) -> set:
             low = storage
         split = stmt_split(s)
         local = {i: idx[i] // parts(tuple(split.get(i, ())), mesh) for f in factors for i in f.indices}
-        if kernel_form(factors, dtypes, [f.name in params for f in factors], s.type.indices, local,
-                       low or "f32", mode, platform):
-            chosen.add(s.name)
+        form = kernel_form(factors, dtypes, [f.name in params for f in factors], s.type.indices, local,
+                           low or "f32", mode, platform)
+        if form is None:
+            continue
+        comm = plan_stmt(s, types, split)
+        moves = dict(((r.name, r.indices), tuple(m)) for r, m in comm.operands)
+        x, w = factors[form[0]], factors[form[1]]
+        in_low = low is not None and not comm.reduce and s.name not in graph.outputs
+        key = None
+        if not moves.get((w.name, w.indices)):
+            key = ((owner.index, owner.carry) if owner is not None else None, x.name, x.indices, moves.get((x.name, x.indices), ()),
+                   form[2], form[3], form[5], form[6], low or "f32", in_low)
+        chosen.append((s.name, key, form))
     return chosen
 
 
 class Int8MatmulEmitter:
-    """Emits the kernel call for a product that int8_matmul routes through it (int8_product)."""
+    """Emits the kernel call for a product that int8_matmul routes through it (int8_product),
+    and one int8_gemv_siblings call for a group of products that share their activation
+    (sibling_groups): at the group's first member in emission order, for all members; the
+    others then find their result bound."""
 
     def int8_product(self, s: g.Statement, factors, vals, args: list[str], out: tuple, product: str,
                      out_dtype: str) -> bool:
@@ -144,6 +194,13 @@ class Int8MatmulEmitter:
             return False
         xi, wi, rows, summed, columns, M, K, N = form
         x_code = self.transpose(args[xi], factors[xi].indices, rows + summed)
+        group = self.int8_siblings.get(s.name)
+        if group is not None and s.name in self.int8_siblings_done:
+            self.w(f"# (computed by the int8_gemv_siblings call of {one_line(', '.join(group[0]))} above)")
+            return True
+        if group is not None and group[1][group[0].index(s.name)] == form:
+            self.sibling_call(group, x_code, [local[i] for i in rows], product, out_dtype)
+            return True
         y = (f"int8_gemv({x_code}.reshape({M}, {K}), {vals[wi].var}.reshape({K}, {N}), "
              f"out_dtype={DTYPE_CODE[out_dtype]})")
         shape = tuple_code(local[i] for i in rows + columns)
@@ -153,3 +210,30 @@ class Int8MatmulEmitter:
         self.w(f"{var} = {self.transpose(f'{y}.reshape({shape})', rows + columns, out)}")
         self.uses_int8_gemv = True
         return True
+
+    def sibling_call(self, group, x_code: str, row_sizes: list, product: str, out_dtype: str) -> None:
+        """All of a sibling group's products as one int8_gemv_siblings call on the shared
+        activation `x_code` (already in rows + summed order), each result bound to its
+        statement's variable in the statement's axis order. The members share their rows
+        (sibling_groups' key), so `row_sizes` (the calling member's) serve all."""
+        names, forms = group
+        M, K = forms[0][5], forms[0][6]
+        ws, shapes, ns = [], [], []
+        for name, (xi, wi, rows, summed, columns, _, _, N) in zip(names, forms):
+            st = self.graph.stmt(name)
+            weight = g.product_factors(st.op.expr)[wi]
+            ws.append(f"{self.vals[weight.name].var}.reshape({K}, {N})")
+            sizes = dict(zip(weight.indices, self.local(weight.indices, self.vals[weight.name].layout)))
+            ns.append(str(N))
+            shapes.append((rows, columns, sizes))
+        outs = [self.ns.tensor(n) for n in names]
+        self.w(f"# int8 weight products of {one_line(', '.join(names))}: one Pallas kernel call on their shared "
+               f"input (int8_matmul={self.int8_matmul_mode}): [{M}, {K}] {product} x [{K}, {' | '.join(ns)}] i8")
+        self.w(f"{', '.join(outs)} = int8_gemv_siblings({x_code}.reshape({M}, {K}), ({', '.join(ws)}), "
+               f"out_dtype={DTYPE_CODE[out_dtype]})")
+        for name, var, (rows, columns, sizes) in zip(names, outs, shapes):
+            shape = tuple_code(tuple(row_sizes) + tuple(sizes[i] for i in columns))
+            st = self.graph.stmt(name)
+            self.w(f"{var} = {self.transpose(f'{var}.reshape({shape})', rows + columns, st.type.indices)}")
+        self.int8_siblings_done.update(names)
+        self.uses_int8_gemv_siblings = True

@@ -40,7 +40,7 @@ from ..ir.verify import index_sizes, resolve_sizes
 from .code import spec_code, tuple_code
 from .attention import ATTENTION_MODES, check_attention_mode
 from .collectives import PMAX_HELPER
-from .int8_matmul import KERNEL_IMPORT, check_int8_matmul_mode
+from .int8_matmul import check_int8_matmul_mode, kernel_import
 from .names import check_identifier, docstring_text, literal, number
 from ..passes.plans import specialize
 from .prepare import PrepareProgram, split_prepare
@@ -212,9 +212,10 @@ def generate_source(graph: g.Graph, layers: str = "scan", prefill_len: int | Non
     emitters = [PrepareProgram(full["prefill"], prepared, layers)] + [
         StepProgram(pg, p, layers, given, attention, platform, int8_matmul) for p, pg in progs.items()]
     bodies = [e.emit() for e in emitters]
-    if any(getattr(e, "uses_int8_gemv", False) for e in emitters):
+    plain, siblings = (any(getattr(e, u, False) for e in emitters) for u in ("uses_int8_gemv", "uses_int8_gemv_siblings"))
+    if plain or siblings:
         at = lines.index("from jax.sharding import PartitionSpec as P")
-        lines[at + 1:at + 1] = ["", KERNEL_IMPORT]
+        lines[at + 1:at + 1] = ["", kernel_import(plain, siblings)]
     if any(e.uses_pmax for e in emitters):
         lines[lines.index("import jax")] = "import functools\n\nimport jax"
         lines += ["", ""] + PMAX_HELPER

@@ -15,7 +15,7 @@ from ..ir.verify import index_sizes, resolve_sizes
 from .code import Val, Writer, one_line, spec_code
 from .attention import AttentionEmitter, check_attention_mode
 from .collectives import CollectiveEmitter
-from .int8_matmul import Int8MatmulEmitter, check_int8_matmul_mode
+from .int8_matmul import Int8MatmulEmitter, check_int8_matmul_mode, sibling_groups
 from .layers import LayerState, LayerEmitter
 from .names import Namespace, literal
 from .statements import StatementEmitter
@@ -68,6 +68,10 @@ class StepProgram(StatementEmitter, CollectiveEmitter, LayerEmitter, AttentionEm
         # int8 weight products through the Pallas GEMV kernel (int8_matmul.py); set once one is emitted
         self.int8_matmul_mode = check_int8_matmul_mode(int8_matmul)
         self.uses_int8_gemv = False
+        # products sharing their activation, one int8_gemv_siblings call per group (int8_matmul.py)
+        self.int8_siblings = sibling_groups(graph, self.int8_matmul_mode, platform)
+        self.int8_siblings_done: set = set()
+        self.uses_int8_gemv_siblings = False
 
     def load(self, d: g.Decl, var: str) -> Val:
         """A declared tensor as this program reads it (moved if it is given in another layout)."""

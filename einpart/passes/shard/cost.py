@@ -300,11 +300,13 @@ def stmt_bytes(s: g.Statement, types: dict, sizes: dict, split: dict, mesh_size:
 def stmt_kernels(s: g.Statement, fused=None) -> int:
     """Kernels one execution of s launches: none for a fused map (and a repeat, whose
     body's statements count), else one (a GEMM, a loop or reduction fusion, a gather,
-    an in-place update) and one per weight it converts (fusion.Lowering.converts);
+    an in-place update; none for an int8 product a sibling's kernel call computes,
+    fusion.Lowering.shared) and one per weight it converts (fusion.Lowering.converts);
     collectives pay their latency term instead (Pricer)."""
     if isinstance(s.op, g.Repeat) or (fused and s.name in fused):
         return 0
-    return 1 + len(getattr(fused, "converts", {}).get(s.name, ()))
+    own = 0 if s.name in getattr(fused, "shared", ()) else 1
+    return own + len(getattr(fused, "converts", {}).get(s.name, ()))
 
 
 def compute_time(s: g.Statement, types: dict, sizes: dict, split: dict, hw: Hardware, mesh_size: dict,

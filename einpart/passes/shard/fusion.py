@@ -55,6 +55,9 @@ weight with the Pallas GEMV kernel (codegen/int8_matmul.py, kernel_statements
 names them): such a weight costs the hardware's int8_gemv_bytes per element
 (`Lowering.casts`), or, stacked under a scan, an int8 copy of its slice
 (`Lowering.converts`, 1 + 2 x 1 bytes and a kernel; priced, not measured).
+Products that share their activation (q / kn / vn, gate / up; int8_matmul.sibling_groups)
+are one kernel call: the group's first member launches it, the others launch none
+(`Lowering.shared`); each still pays its own weight bytes.
 
 Fused attention (`Lowering.attention`, fused_attention.py): with
 attention="cudnn" / "auto" codegen computes a matched softmax-attention
@@ -75,13 +78,17 @@ class Lowering(dict):
     copy the statement converts it to, written by a kernel of its own}; `casts`:
     statement name -> {int8 weight name: bytes per element the GEMM that casts it
     costs} (module docstring); `attention`: member statement name -> the fused
-    attention chain it belongs to (fused_attention.fused_attention)."""
+    attention chain it belongs to (fused_attention.fused_attention); `shared`: statements
+    whose int8 kernel call is a sibling's (one int8_gemv_siblings launch computes them),
+    which launch no kernel of their own."""
 
-    def __init__(self, fused: dict, converts: dict, casts: dict | None = None, attention: dict | None = None):
+    def __init__(self, fused: dict, converts: dict, casts: dict | None = None, attention: dict | None = None,
+                 shared: set | None = None):
         super().__init__(fused)
         self.converts = converts
         self.casts = casts or {}
         self.attention = attention or {}
+        self.shared = shared or set()
 
 
 def stacked_weights(graph: g.Graph) -> set:
@@ -97,7 +104,7 @@ def lowering(graph: g.Graph, hw, layers: str = "unroll", attention: str = "einsu
     """What the compiled step launches on `hw` with the layer loop `layers`, the
     attention lowering `attention` and the int8 product lowering `int8_matmul` of the
     program `phase` (module docstring)."""
-    from ...codegen.int8_matmul import kernel_statements
+    from ...codegen.int8_matmul import kernel_statements, sibling_groups
     from .fused_attention import fused_attention
     stacked = stacked_weights(graph) if layers == "scan" and hw.convert_kernel else set()
     types = graph.types()
@@ -117,7 +124,8 @@ def lowering(graph: g.Graph, hw, layers: str = "unroll", attention: str = "einsu
                 converts.setdefault(st, {})[w] = nbytes
             elif types[w].dtype == "i8":
                 casts.setdefault(st, {})[w] = hw.int8_gemm_bytes
-    return Lowering(fused_maps(graph), converts, casts, fused_attention(graph, attention, hw, phase))
+    shared = {n for members, _ in sibling_groups(graph, int8_matmul, hw.platform).values() for n in members[1:]}
+    return Lowering(fused_maps(graph), converts, casts, fused_attention(graph, attention, hw, phase), shared)
 
 
 def weight_converts(graph: g.Graph) -> dict:

@@ -86,7 +86,10 @@ def split_for(k: int, n: int, cfg: Int8GemvConfig, target: int = TARGET_PROGRAMS
     """Splits of K that bring the grid near `target` programs: the largest divisor of
     the K step count whose grid stays at or under it (at least 1), so that every split
     holds whole steps and the loads need no K mask when K divides into steps."""
-    strips = -(-n // cfg.block_n)
+    return _splits_for_strips(k, -(-n // cfg.block_n), cfg, target)
+
+
+def _splits_for_strips(k: int, strips: int, cfg: Int8GemvConfig, target: int = TARGET_PROGRAMS) -> int:
     steps = -(-k // (cfg.block_k * cfg.unroll))
     best = 1
     for s in range(1, steps + 1):
@@ -151,20 +154,56 @@ def int8_gemv(x, w, config: Int8GemvConfig | None = None, *, out_dtype=None, int
     elsewhere int8_gemv_reference, unless `interpret` (default: the interpreted()
     context's setting) runs the kernel in the Pallas interpreter. Usable inside jax.jit
     and inside a shard_map body (on each device's local blocks)."""
-    import jax
-    import jax.numpy as jnp
     m, k, n = _check_operands(x, w)
     cfg = config if config is not None else default_gemv_config(m, k, n)
+    return _gemv(x, (w,), m, k, (n,), cfg, out_dtype, interpret)[0]
+
+
+def int8_gemv_siblings(x, ws, config: Int8GemvConfig | None = None, *, out_dtype=None,
+                       interpret: bool | None = None) -> tuple:
+    """(x @ w for w in ws): several int8 weights [K, N_i] that share one activation x [M, K]
+    (Llama's q / k / v projections of one normed input, the MLP's gate and up), in ONE
+    kernel launch, without concatenating the weights.
+
+    Why: at decode batch 1 the small products are launch- and ramp-bound (4096 x 1024 takes
+    7-14 us on an H200 for 4 MB of int8), and each product's split-K partials need their
+    own XLA sum. Here one grid covers every weight's column strips: a program picks its
+    weight by its strip id (one pl.when branch per weight, each on its own ref, passed
+    whole), and all partials land in one f32 array [splits, M, sum N_i] at each weight's
+    column offset, summed by one XLA reduction and sliced per weight. One config for the
+    group (default: default_gemv_config of the widest weight's strips and the group's
+    total strips). Same numerics as int8_gemv per weight; the same platform rules."""
+    if not isinstance(ws, (tuple, list)) or not ws:
+        raise EinpartError(f"int8_gemv_siblings: ws must be a non-empty tuple of int8 weights, got {type(ws).__name__}")
+    shapes = [_check_operands(x, w) for w in ws]
+    m, k = shapes[0][:2]
+    ns = tuple(n for _, _, n in shapes)
+    cfg = config if config is not None else default_siblings_config(m, k, ns)
+    return _gemv(x, tuple(ws), m, k, ns, cfg, out_dtype, interpret)
+
+
+def default_siblings_config(m: int, k: int, ns: tuple) -> Int8GemvConfig:
+    """default_gemv_config for a group of weights [k, n] for n in `ns`: the strip width of
+    the widest one, K splits for the group's total strip count (about TARGET_PROGRAMS)."""
+    base = dataclasses.replace(default_gemv_config(m, k, max(ns)), splits=1)
+    strips = sum(-(-n // base.block_n) for n in ns)
+    return dataclasses.replace(base, splits=_splits_for_strips(k, strips, base))
+
+
+def _gemv(x, ws, m, k, ns, cfg, out_dtype, interpret):
+    import jax
+    import jax.numpy as jnp
     if not isinstance(cfg, Int8GemvConfig):
         raise EinpartError(f"int8_gemv: config must be an Int8GemvConfig, got {type(cfg).__name__}")
     cfg.check()
-    if cfg.layout == "i32" and n % 4:
-        raise EinpartError(f"int8_gemv: layout 'i32' needs N divisible by 4 (4 columns per word), got N = {n}")
+    for n in ns:
+        if cfg.layout == "i32" and n % 4:
+            raise EinpartError(f"int8_gemv: layout 'i32' needs N divisible by 4 (4 columns per word), got N = {n}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     interpret = _INTERPRET[-1] if interpret is None else interpret
     if not (interpret or jax.default_backend() == "gpu"):
-        return int8_gemv_reference(x, w, out_dtype)
-    return _pallas_gemv(x, w, m, k, n, cfg, interpret, out_dtype)
+        return tuple(int8_gemv_reference(x, w, out_dtype) for w in ws)
+    return _pallas_gemv(x, ws, m, k, ns, cfg, interpret, out_dtype)
 
 
 _INTERPRET = [False]
@@ -181,7 +220,11 @@ def interpreted():
         _INTERPRET.pop()
 
 
-def _pallas_gemv(x, w, m, k, n, cfg: Int8GemvConfig, interpret: bool, out_dtype):
+def _pallas_gemv(x, ws, m, k, ns, cfg: Int8GemvConfig, interpret: bool, out_dtype):
+    """The kernel over the weights `ws` ([k, n] for n in `ns`) that share x: one grid of
+    (all weights' column strips, K splits); weight i owns strips first[i] .. first[i + 1]
+    and writes output columns off[i] .. off[i] + ns[i] (one output for all). With one
+    weight there is no branch: the plain GEMV."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
@@ -191,19 +234,22 @@ def _pallas_gemv(x, w, m, k, n, cfg: Int8GemvConfig, interpret: bool, out_dtype)
     per = 4 if words else 1                      # int8 columns per loaded element
     bk, un = cfg.block_k, cfg.unroll
     bn = cfg.block_n // per                      # loaded elements per row of a tile
-    nw = n // per                                # loaded elements per row of w
-    strips = -(-nw // bn)
+    nws = [n // per for n in ns]                 # loaded elements per row of each w
+    counts = [-(-nw // bn) for nw in nws]        # column strips of each w
+    first = [sum(counts[:i]) for i in range(len(ns) + 1)]
+    offs = [sum(nws[:i]) for i in range(len(ns))]  # each w's first output element
+    strips, nw_all, n_all = first[-1], sum(nws), sum(ns)
     group = bk * un                              # K rows per loop step
     steps_total = -(-k // group)
     steps = -(-steps_total // min(cfg.splits, steps_total))
     splits = -(-steps_total // steps)
     k_mask = splits * steps * group != k
-    n_mask = strips * bn != nw
     # f32 partials [splits, M, per, N / per] summed by XLA: with split-K, and always for the "i32"
     # view (accumulator i holds columns 4c + i, which the XLA epilogue interleaves)
     partial = splits > 1 or words
     xt = x.T                                     # [K, M]: a row of x loads as a [block_k, 1] column
-    wv = jax.lax.bitcast_convert_type(w.reshape(k, nw, 4), jnp.int32) if words else w
+    wvs = [jax.lax.bitcast_convert_type(w.reshape(k, nw, 4), jnp.int32) if words else w
+           for w, nw in zip(ws, nws)]
 
     def convert(t):
         """A loaded tile -> list of (f32 tile, column offset within the word)."""
@@ -215,9 +261,9 @@ def _pallas_gemv(x, w, m, k, n, cfg: Int8GemvConfig, interpret: bool, out_dtype)
             return [(jax.lax.bitcast_convert_type(t.astype(jnp.int32) + MAGIC_BITS, jnp.float32) - MAGIC, 0)]
         return [(t.astype(jnp.float32), 0)]
 
-    def kernel(x_ref, w_ref, o_ref):
-        j = pl.program_id(0)
-        s = pl.program_id(1)
+    def strip(x_ref, w_ref, o_ref, j, s, nw, off):
+        """Strip j of the weight w_ref ([k, nw] elements), K split s, into output columns off + ..."""
+        n_mask = -(-nw // bn) * bn != nw
         c0 = j * bn
         cols = c0 + jnp.arange(bn)
         col_ok = cols < nw
@@ -251,23 +297,37 @@ def _pallas_gemv(x, w, m, k, n, cfg: Int8GemvConfig, interpret: bool, out_dtype)
                 y = jnp.sum(accs[r * per + i], axis=0)
                 # rows as length-1 slices: an integer index on a stored ref fails in the interpreter
                 if partial:   # [splits, M, per, N / per] f32
-                    dst, val = o_ref.at[pl.ds(s, 1), pl.ds(r, 1), pl.ds(i, 1), pl.ds(c0, bn)], y[None, None, None, :]
+                    dst = o_ref.at[pl.ds(s, 1), pl.ds(r, 1), pl.ds(i, 1), pl.ds(off + c0, bn)]
+                    val = y[None, None, None, :]
                 else:         # [M, N] in out_dtype
-                    dst, val = o_ref.at[pl.ds(r, 1), pl.ds(c0, bn)], y.astype(out_dtype)[None, :]
+                    dst, val = o_ref.at[pl.ds(r, 1), pl.ds(off + c0, bn)], y.astype(out_dtype)[None, :]
                 if n_mask:
                     plgpu.store(dst, val, mask=jnp.broadcast_to(col_ok, val.shape))
                 else:
                     plgpu.store(dst, val)
 
-    out_shape = jax.ShapeDtypeStruct((splits, m, per, nw) if partial else (m, n),
+    def kernel(x_ref, *refs):
+        w_refs, o_ref = refs[:-1], refs[-1]
+        j = pl.program_id(0)
+        s = pl.program_id(1)
+        if len(w_refs) == 1:
+            return strip(x_ref, w_refs[0], o_ref, j, s, nws[0], 0)
+        for i, w_ref in enumerate(w_refs):    # each program runs the one branch of its weight
+            @pl.when((j >= first[i]) & (j < first[i + 1]))
+            def _(i=i, w_ref=w_ref):
+                strip(x_ref, w_ref, o_ref, j - first[i], s, nws[i], offs[i])
+
+    out_shape = jax.ShapeDtypeStruct((splits, m, per, nw_all) if partial else (m, n_all),
                                      jnp.float32 if partial else out_dtype)
     params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    name = f"int8_gemv_m{m}_{cfg.layout}_n{cfg.block_n}_k{bk}x{un}_s{splits}"
+    name = f"int8_gemv_m{m}_{cfg.layout}_n{cfg.block_n}_k{bk}x{un}_s{splits}" + (f"_w{len(ws)}" if len(ws) > 1 else "")
     y = pl.pallas_call(kernel, out_shape=out_shape, grid=(strips, splits), interpret=interpret,
-                       compiler_params=params, name=name)(xt, wv)
-    if not partial:
-        return y
-    return y.sum(axis=0).transpose(0, 2, 1).reshape(m, n).astype(out_dtype)
+                       compiler_params=params, name=name)(xt, *wvs)
+    if partial:
+        y = y.sum(axis=0).transpose(0, 2, 1).reshape(m, n_all).astype(out_dtype)
+    if len(ws) == 1:
+        return (y,)
+    return tuple(y[:, o * per:o * per + n] for o, n in zip(offs, ns))
 
 
 def gemv_programs(k: int, n: int, cfg: Int8GemvConfig) -> int:
