@@ -38,6 +38,15 @@ ABLATIONS = tuple(REDUCTIONS) + ("bound",)
 BEST_KNOWN = {"B": 532_843, "G": 217_039, "V": 1_632_051}
 
 
+def _scipy_version():
+    """scipy's HiGHS runs the MIP neighbourhoods (einpart/passes/shard/mip.py)."""
+    try:
+        import scipy
+    except ImportError:
+        return None
+    return scipy.__version__
+
+
 def device():
     model = "unknown"
     try:
@@ -94,7 +103,7 @@ def main(argv=None):
 
     results = {"command": " ".join([Path(sys.executable).name] + sys.argv), "device": device(),
                "versions": {"python": platform.python_version(), "ortools": ortools.__version__,
-                            "numpy": np.__version__},
+                            "numpy": np.__version__, "scipy": _scipy_version()},
                "time_limit_s": args.time_limit, "workers": args.workers, "seed": args.seed, "deterministic": args.deterministic,
                "started": _dt.datetime.now().isoformat(timespec="seconds"), "instances": {}}
     rows = []

@@ -24,6 +24,10 @@ Pipeline of :func:`solve` (``reductions=True``, the default):
    (``descent.py``, restricted to the ball and its neighbours), accept
    results up to 3% worse, keep the best (escapes the local optimum every
    descent stops in on IOPDDL V).
+3c. then MIP neighbourhoods (``mip.py``, not in deterministic mode): the
+   memory-relevant nodes capped at the best plan's usage levels (those of
+   the tightest constraints may rise two levels), everything else free,
+   solved by HiGHS on the pairs formulation.
 4. CP-SAT on the reduced graph with the best solution as a complete hint.
    Default edge formulation ``form="enforced"``: one integer cost per edge,
    ``e >= sum_j M[i,j]*y_j`` enforced by the row literal (and the column
@@ -64,6 +68,7 @@ from ortools.sat.python import cp_model
 
 from .descent import Descent, local_search
 from .lns import iterated_local_search
+from .mip import mip_search
 from .reduce import FORBIDDEN, Infeasible, Work
 
 _SCALE_TOP = 1e9  # largest finite cost after scaling
@@ -480,7 +485,8 @@ def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, determini
 def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, workers: int = 2,
           reductions: bool = True, hint=None, heuristic: bool | None = None,
           deterministic: bool = False, log: bool = False, params: dict | None = None,
-          form: str = "enforced", penalty_share: float = 0.5, ils_share: float = 0.8, skip=()) -> Solution:
+          form: str = "enforced", penalty_share: float = 0.5, ils_share: float = 0.5,
+          mip_share: float = 0.95, skip=()) -> Solution:
     """Minimise the cost of a strategy assignment (see module docstring).
 
     ``reductions=False`` gives the plain CP-SAT model (only forbidden strategies
@@ -493,7 +499,9 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
     off by name (``reduce.REDUCTIONS``, and "bound" for the pruning by the best
     cost found), for measuring what each one buys.  With a memory limit and a
     large reduced graph, the iterated local search of ``lns.py`` runs until
-    ``ils_share`` of the time (``_ILS_KICKS`` kicks when deterministic).
+    ``ils_share`` of the time (``_ILS_KICKS`` kicks when deterministic), then
+    (not deterministic) the MIP neighbourhoods of ``mip.py`` until
+    ``mip_share`` of it.
 
     Time: without ``deterministic``, a search step that would start after
     ``time_limit`` is skipped; the answer is then the best assignment found
@@ -620,6 +628,17 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
                 work.run()
         times["ils"] = time.perf_counter() - tk
         stats["ils_cost"] = best_obj
+        if not deterministic and work.nodes() and not out_of_time():
+            # MIP neighbourhoods (mip.py): memory capped at the incumbent's levels, HiGHS for the rest
+            tm = time.perf_counter()
+            xm, om = mip_search(work, _to_partial(work, best), priced, until=t0 + mip_share * time_limit,
+                                stats=stats)
+            if om < best_obj:
+                best, best_obj = work.reconstruct(xm), om
+                if reductions and "bound" not in skip and work.prune_by_bound(best_obj):
+                    work.run()
+            times["mip"] = time.perf_counter() - tm
+            stats["mip_cost"] = best_obj
         stats["after"] = work.counts()
         t2 = time.perf_counter()   # times["model"] counts the model build only
     stats["removed"] = dict(work.removed)
