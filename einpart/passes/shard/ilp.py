@@ -24,10 +24,12 @@ Pipeline of :func:`solve` (``reductions=True``, the default):
    (``descent.py``, restricted to the ball and its neighbours), accept
    results up to 3% worse, keep the best (escapes the local optimum every
    descent stops in on IOPDDL V).
-3c. then MIP neighbourhoods (``mip.py``, not in deterministic mode): the
-   memory-relevant nodes capped at the best plan's usage levels (those of
-   the tightest constraints may rise two levels), everything else free,
-   solved by HiGHS on the pairs formulation.
+3c. then MIP neighbourhoods (``mip.py``, not in deterministic mode): first
+   every memory-relevant node may rise to its usage in the memory-free
+   optimum (the way out of a poor basin), then the memory-relevant nodes
+   capped at the best plan's usage levels (those of the tightest constraints
+   may rise two levels); everything else free, solved by HiGHS on the pairs
+   formulation with the best plan as its start.
 4. CP-SAT on the reduced graph with the best solution as a complete hint.
    Default edge formulation ``form="enforced"``: one integer cost per edge,
    ``e >= sum_j M[i,j]*y_j`` enforced by the row literal (and the column
@@ -485,7 +487,7 @@ def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, determini
 def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, workers: int = 2,
           reductions: bool = True, hint=None, heuristic: bool | None = None,
           deterministic: bool = False, log: bool = False, params: dict | None = None,
-          form: str = "enforced", penalty_share: float = 0.5, ils_share: float = 0.5,
+          form: str = "enforced", penalty_share: float = 0.3, ils_share: float = 0.3,
           mip_share: float = 0.95, skip=()) -> Solution:
     """Minimise the cost of a strategy assignment (see module docstring).
 
