@@ -633,8 +633,13 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
         if not deterministic and work.nodes() and not out_of_time():
             # MIP neighbourhoods (mip.py): memory capped at the incumbent's levels, HiGHS for the rest
             tm = time.perf_counter()
+            # the memory-free optimum of the graph itself (not of work, whose strategies the
+            # memory-aware reductions thinned): its usage levels open the union step
+            free_work = Work(graph.node_costs, graph.node_usages, graph.intervals, graph.edges,
+                             graph.edge_costs, None, skip=set(skip) - {"bound"})
+            free_work.run()
             xm, om = mip_search(work, _to_partial(work, best), priced, until=t0 + mip_share * time_limit,
-                                stats=stats)
+                                free_work=free_work, stats=stats)
             if om < best_obj:
                 best, best_obj = work.reconstruct(xm), om
                 if reductions and "bound" not in skip and work.prune_by_bound(best_obj):
