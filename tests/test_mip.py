@@ -5,7 +5,8 @@ import time
 import numpy as np
 
 from einpart.passes.shard.ilp import StrategyGraph, _feasible, evaluate, peak_usage
-from einpart.passes.shard.mip import capped, mip_search, solve_mip
+from einpart.passes.shard.mip import (_hint_vector, _pairs_model, capped, memory_free_plan, mip_search,
+                                      solve_mip)
 from einpart.passes.shard.reduce import Work
 
 _KEEP_ALL = {"dominance", "leaf_pareto", "merge", "eliminate"}   # every node stays alive in the base work
@@ -104,4 +105,98 @@ def test_mip_search_stays_feasible_and_reaches_the_capped_optimum():
         full = w.reconstruct(x)
         assert _feasible(g, full) and c == evaluate(g, full) <= evaluate(g, start_full)
         assert c == min(evaluate(g, p) for p in plans), seed   # the two-level steps reach every level here
-        assert stats["mip"]["steps"][0]["tight"] == 0           # the first step: everything capped
+        steps = stats["mip"]["steps"]
+        assert "memory_free" in steps[0]                         # the memory-free optimum is computed first
+        if c < evaluate(g, start_full):
+            assert steps[1]["tight"] == 0                        # the first MIP step: everything capped
+
+
+def _usage_in(w, i, x):
+    """{constraint index: usage of x's strategy} for node i in the binding constraints of w."""
+    return {k: terms[i][np.searchsorted(w.strat[i], x[i])]
+            for k, (terms, _) in enumerate(w.memory_constraints()[0]) if i in terms}
+
+
+def _free_work(g):
+    w = Work(g.node_costs, g.node_usages, g.intervals, g.edges, g.edge_costs, None)
+    w.run()
+    return w
+
+
+def test_memory_free_plan_is_the_optimum_without_the_limit():
+    """With a Work built without the limit: the optimum over every plan, the
+    limit ignored; without one: over the strategies the memory-aware
+    reductions left (every node stays alive here)."""
+    checked = strict = 0
+    for seed in range(6):
+        g = _graph(seed)
+        if not _plans(g):
+            continue
+        w = _work(g)
+        free = memory_free_plan(w, time_limit=30, free_work=_free_work(g))
+        every = itertools.product(*[range(len(c)) for c in g.node_costs])
+        assert evaluate(g, w.reconstruct(free)) == min(evaluate(g, list(p)) for p in every), seed
+        thinned = memory_free_plan(w, time_limit=30)
+        assert sorted(w.nodes()) == list(range(len(g.node_costs)))
+        left = itertools.product(*[w.strat[i] for i in range(len(g.node_costs))])
+        best = min(evaluate(g, list(p)) for p in left)
+        assert evaluate(g, w.reconstruct(thinned)) == best, seed
+        strict += best < min(evaluate(g, p) for p in _plans(g))  # the limit binds: not a plan
+        checked += 1
+    assert checked >= 4 and strict >= 1
+
+
+def test_union_neighbourhood_is_exactly_the_plans_below_start_or_memory_free_usage():
+    """capped(also=free): a node may use up to the larger of its usage in the
+    start and in the memory-free optimum; the MIP optimum of that copy is
+    feasible and equals the brute-force optimum over exactly those plans."""
+    wider = 0
+    for seed in range(6):
+        g = _graph(seed)
+        plans = _plans(g)
+        if not plans:
+            continue
+        w = _work(g)
+        start_full = max(plans, key=lambda p: evaluate(g, p))
+        start = {i: start_full[i] for i in w.nodes()}
+        free = memory_free_plan(w, time_limit=30, free_work=_free_work(g))
+
+        def cap(i, k):        # a memory-free strategy the reductions removed raises nothing
+            up = _usage_in(w, i, free)[k] if free[i] in w.strat[i] else 0.0
+            return max(_usage_in(w, i, start)[k], up)
+
+        def inside(p):
+            return all(u <= cap(i, k) for i in w.nodes() for k, u in _usage_in(w, i, p).items())
+        allowed = [p for p in plans if inside(p)]
+        assert start_full in allowed
+        wc = capped(w, start, ub=evaluate(g, start_full), also=free)
+        status, x, _ = solve_mip(wc, time_limit=30, hint=start_full)
+        assert status == "optimal"
+        full = wc.reconstruct(x)
+        assert _feasible(g, full) and inside(full)
+        assert evaluate(g, full) == min(evaluate(g, p) for p in allowed), seed
+        wider += len(allowed) > len([p for p in plans if _within_caps(w, start, p)])
+    assert wider >= 1                        # the memory-free levels add plans to the capped neighbourhood
+
+
+def test_hint_is_a_solution_of_the_pairs_model_and_keeps_the_optimum():
+    """The start handed to HiGHS satisfies every equality row of the pairs
+    model (a full plan, so every column is set), and a hinted solve from the
+    worst feasible plan still returns the brute-force optimum."""
+    for seed in range(6):
+        g = _graph(seed)
+        plans = _plans(g)
+        if not plans:
+            continue
+        w = _work(g)
+        c, eq, rhs, mem, mb, ub, off, pairs = _pairs_model(w)
+        worst = max(plans, key=lambda p: evaluate(g, p))
+        idx, vals = _hint_vector(w, worst, off, pairs)
+        x0 = np.zeros(len(c))
+        x0[idx] = vals
+        assert np.allclose(eq @ x0, rhs)
+        assert np.all(mem @ x0 <= mb + 1e-9)
+        assert float(c @ x0) + w.const == evaluate(g, worst)
+        status, x, obj = solve_mip(w, time_limit=30, hint=worst)
+        assert status == "optimal"
+        assert evaluate(g, w.reconstruct(x)) == obj == min(evaluate(g, p) for p in plans), seed

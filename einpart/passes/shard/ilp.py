@@ -24,10 +24,12 @@ Pipeline of :func:`solve` (``reductions=True``, the default):
    (``descent.py``, restricted to the ball and its neighbours), accept
    results up to 3% worse, keep the best (escapes the local optimum every
    descent stops in on IOPDDL V).
-3c. then MIP neighbourhoods (``mip.py``, not in deterministic mode): the
-   memory-relevant nodes capped at the best plan's usage levels (those of
-   the tightest constraints may rise two levels), everything else free,
-   solved by HiGHS on the pairs formulation.
+3c. then MIP neighbourhoods (``mip.py``, not in deterministic mode): first
+   every memory-relevant node may rise to its usage in the memory-free
+   optimum (the way out of a poor basin), then the memory-relevant nodes
+   capped at the best plan's usage levels (those of the tightest constraints
+   may rise two levels); everything else free, solved by HiGHS on the pairs
+   formulation with the best plan as its start.
 4. CP-SAT on the reduced graph with the best solution as a complete hint.
    Default edge formulation ``form="enforced"``: one integer cost per edge,
    ``e >= sum_j M[i,j]*y_j`` enforced by the row literal (and the column
@@ -485,7 +487,7 @@ def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, determini
 def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, workers: int = 2,
           reductions: bool = True, hint=None, heuristic: bool | None = None,
           deterministic: bool = False, log: bool = False, params: dict | None = None,
-          form: str = "enforced", penalty_share: float = 0.5, ils_share: float = 0.5,
+          form: str = "enforced", penalty_share: float = 0.3, ils_share: float = 0.3,
           mip_share: float = 0.95, skip=()) -> Solution:
     """Minimise the cost of a strategy assignment (see module docstring).
 
@@ -631,8 +633,13 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
         if not deterministic and work.nodes() and not out_of_time():
             # MIP neighbourhoods (mip.py): memory capped at the incumbent's levels, HiGHS for the rest
             tm = time.perf_counter()
+            # the memory-free optimum of the graph itself (not of work, whose strategies the
+            # memory-aware reductions thinned): its usage levels open the union step
+            free_work = Work(graph.node_costs, graph.node_usages, graph.intervals, graph.edges,
+                             graph.edge_costs, None, skip=set(skip) - {"bound"})
+            free_work.run()
             xm, om = mip_search(work, _to_partial(work, best), priced, until=t0 + mip_share * time_limit,
-                                stats=stats)
+                                free_work=free_work, stats=stats)
             if om < best_obj:
                 best, best_obj = work.reconstruct(xm), om
                 if reductions and "bound" not in skip and work.prune_by_bound(best_obj):
