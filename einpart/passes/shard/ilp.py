@@ -626,8 +626,7 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
                                        max_kicks=_ILS_KICKS if deterministic else None)
         if ok < best_obj:
             best, best_obj = work.reconstruct(xk), ok
-            if reductions and "bound" not in skip and work.prune_by_bound(best_obj):
-                work.run()
+            prune()
         times["ils"] = time.perf_counter() - tk
         stats["ils_cost"] = best_obj
         if not deterministic and work.nodes() and not out_of_time():
@@ -642,8 +641,7 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
                                 free_work=free_work, stats=stats)
             if om < best_obj:
                 best, best_obj = work.reconstruct(xm), om
-                if reductions and "bound" not in skip and work.prune_by_bound(best_obj):
-                    work.run()
+                prune()
             times["mip"] = time.perf_counter() - tm
             stats["mip_cost"] = best_obj
         stats["after"] = work.counts()
