@@ -38,7 +38,7 @@ import contextlib
 import dataclasses
 
 from ...errors import EinpartError
-from .int8_matmul import MAGIC, MAGIC_BITS
+from .int8_matmul import MAGIC, MAGIC_BITS, _next_pow2, check_operands
 
 MAX_ROWS = 8
 LAYOUTS = ("i8", "i32")
@@ -78,10 +78,6 @@ class Int8GemvConfig:
                 raise EinpartError(f"int8_gemv: {name} = {v!r} must be an integer >= 1")
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def split_for(k: int, n: int, cfg: Int8GemvConfig, target: int = TARGET_PROGRAMS) -> int:
     """Splits of K that bring the grid near `target` programs: the largest divisor of
     the K step count whose grid stays at or under it (at least 1), so that every split
@@ -118,21 +114,8 @@ def default_gemv_config(m: int, k: int, n: int) -> Int8GemvConfig:
 
 def _check_operands(x, w) -> tuple[int, int, int]:
     import jax.numpy as jnp
-    if len(x.shape) != 2 or len(w.shape) != 2:
-        raise EinpartError(f"int8_gemv: x must be 2-D [M, K] and w 2-D [K, N], "
-                           f"got shapes {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.dtype not in (jnp.bfloat16, jnp.float32) or w.dtype != jnp.int8:
-        raise EinpartError(f"int8_gemv: x must be bfloat16 or float32 and w int8, got {x.dtype} and {w.dtype}")
-    m, k = x.shape
-    k2, n = w.shape
-    if k != k2:
-        raise EinpartError(f"int8_gemv: x [M, K] = {tuple(x.shape)} and w [K, N] = {tuple(w.shape)} disagree on K")
-    if k < 1 or n < 1:
-        raise EinpartError(f"int8_gemv: K = {k} and N = {n} must both be >= 1")
-    if not 1 <= m <= MAX_ROWS:
-        raise EinpartError(f"int8_gemv: M = {m} rows is outside 1..{MAX_ROWS}; the kernel is for decode "
-                           f"batches of a few rows (use a dot for more)")
-    return m, k, n
+    return check_operands("int8_gemv", x, w, (jnp.bfloat16, jnp.float32), "bfloat16 or float32", MAX_ROWS,
+                          "decode batches of a few rows (use a dot for more)")
 
 
 def int8_gemv_reference(x, w, out_dtype=None):

@@ -93,24 +93,32 @@ def default_config(m: int, k: int, n: int) -> Int8MatmulConfig:
                             num_warps=4, num_stages=4 if block_k <= 128 else 3)
 
 
-def _check_operands(x, w) -> tuple[int, int, int]:
-    import jax.numpy as jnp
+def check_operands(kernel: str, x, w, x_dtypes: tuple, x_what: str, max_rows: int, too_many: str
+                   ) -> tuple[int, int, int]:
+    """(M, K, N) of x [M, K] times an int8 w [K, N] for `kernel`, or an EinpartError
+    naming what is wrong; x's dtype one of `x_dtypes` (described as `x_what`), at most
+    `max_rows` rows (`too_many` says what to use instead). Shared by both int8 kernels."""
     if len(x.shape) != 2 or len(w.shape) != 2:
-        raise EinpartError(f"int8_matmul: x must be 2-D [M, K] and w 2-D [K, N], "
+        raise EinpartError(f"{kernel}: x must be 2-D [M, K] and w 2-D [K, N], "
                            f"got shapes {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.dtype != jnp.bfloat16 or w.dtype != jnp.int8:
-        raise EinpartError(f"int8_matmul: x must be bfloat16 and w int8, got {x.dtype} and {w.dtype}")
+    if x.dtype not in x_dtypes or w.dtype != "int8":
+        raise EinpartError(f"{kernel}: x must be {x_what} and w int8, got {x.dtype} and {w.dtype}")
     m, k = x.shape
     k2, n = w.shape
     if k != k2:
-        raise EinpartError(f"int8_matmul: x [M, K] = {tuple(x.shape)} and w [K, N] = {tuple(w.shape)} "
+        raise EinpartError(f"{kernel}: x [M, K] = {tuple(x.shape)} and w [K, N] = {tuple(w.shape)} "
                            f"disagree on K")
     if k < 1 or n < 1:
-        raise EinpartError(f"int8_matmul: K = {k} and N = {n} must both be >= 1")
-    if not 1 <= m <= MAX_ROWS:
-        raise EinpartError(f"int8_matmul: M = {m} rows is outside 1..{MAX_ROWS}; the kernel is for "
-                           f"decode-sized batches (use a plain dot for larger M)")
+        raise EinpartError(f"{kernel}: K = {k} and N = {n} must both be >= 1")
+    if not 1 <= m <= max_rows:
+        raise EinpartError(f"{kernel}: M = {m} rows is outside 1..{max_rows}; the kernel is for {too_many}")
     return m, k, n
+
+
+def _check_operands(x, w) -> tuple[int, int, int]:
+    import jax.numpy as jnp
+    return check_operands("int8_matmul", x, w, (jnp.bfloat16,), "bfloat16", MAX_ROWS,
+                          "decode-sized batches (use a plain dot for larger M)")
 
 
 def int8_matmul_reference(x, w):
