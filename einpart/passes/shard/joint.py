@@ -1,4 +1,5 @@
-"""The two-phase planner's exact steps (planner.solve_plan), by elimination.
+"""The planner's exact steps by elimination (planner.solve_plan, and
+joint_limited for one phase too: planner.solve_phase).
 
 Why a module of its own: prefill and decode share only the stored layouts
 (weights, KV cache), and the joint strategy graph that ties them is what CP-SAT
@@ -83,7 +84,8 @@ def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, 
                           patience=KNAPSACK_PATIENCE, repair=KNAPSACK_REPAIR)
     fits = got.assignment is not None and memory_of(built, got.assignment) <= limit
     stats = {k: v for k, v in got.stats.items() if k != "bounds"}
-    rounds.append({"model": "joint, stored layouts exact (elimination + CP-SAT)", "status": got.status,
+    rounds.append({"model": f"{'joint' if len(phases) > 1 else phases[0].name}, stored layouts exact "
+                            "(elimination + CP-SAT)", "status": got.status,
                    "objective": got.objective, "bound": got.bound, "fits": fits,
                    "wall_s": time.perf_counter() - t0, **built.stats, **stats})
     if got.status == "infeasible":     # (no plan fits: the steps after it say why, with the sizes)
