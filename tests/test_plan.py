@@ -269,10 +269,18 @@ def test_cli_solve_iopddl(capsys, tmp_path):
 
 
 # ------------------------------------------------------- solver limits
-def test_time_limit_returns_best_with_gap():
+def _without_relaxation(monkeypatch):
+    """Turn off the stored-layout relaxation (joint.joint_limited), which proves
+    PaLM's one-phase limited plans at once, so the exact CP-SAT model runs."""
+    from einpart.passes.shard import joint
+    monkeypatch.setattr(joint, "joint_limited", lambda *a, **k: (None, -np.inf, None))
+
+
+def test_time_limit_returns_best_with_gap(monkeypatch):
     """A time limit too short to prove the memory-limited decode plan optimal:
     the best plan found comes back as 'feasible' with its gap, and the note says
     so. Deterministic time, so the outcome does not depend on the machine's load."""
+    _without_relaxation(monkeypatch)
     p = plan(palm(), "x=4,y=4,z=4", "tpu-v4", "decode", batch=64, context=2048, memory_limit=20e9,
              time_limit=1, deterministic=True)
     assert p.status == "feasible"
@@ -280,6 +288,30 @@ def test_time_limit_returns_best_with_gap():
     assert p.note == f"time limit (1 s) hit: best plan found, gap {p.gap:.3g}"
     assert p.phases["decode"].memory_bytes <= 20e9
     assert p.objective == pytest.approx(p.stats["objective_repriced"], rel=1e-6)
+
+
+def test_one_phase_limited_plan_proved_by_the_relaxation(monkeypatch):
+    """A one-phase plan whose unlimited optimum does not fit (PaLM 540B prefill
+    in tpu-v4's 32 GiB) is proved optimal by the stored-layout relaxation; on the
+    tiny spec, where the exact CP-SAT model proves it too, both find the same cost."""
+    kw = dict(batch=64, context=2048, prompt=2048, time_limit=2, deterministic=True)
+    p = plan(palm(), "x=4,y=4,z=4", "tpu-v4", "prefill", **kw)
+    assert p.status == "optimal" and p.gap == 0
+    assert [r["model"] for r in p.stats["rounds"]] == ["unlimited", "prefill, stored layouts exact "
+                                                       "(elimination + CP-SAT)"]
+    assert p.phases["prefill"].memory_bytes <= 32 * 2 ** 30
+    full = plan(tiny(), "x=2,y=4", "tpu-v4", "decode", memory_limit=None).phases["decode"].memory_bytes
+    got = {}
+    for relaxation in (True, False):
+        if not relaxation:
+            _without_relaxation(monkeypatch)
+        for f in (0.7, 0.8):
+            q = plan(tiny(), "x=2,y=4", "tpu-v4", "decode", memory_limit=f * full, time_limit=10)
+            assert q.status == "optimal" and q.phases["decode"].memory_bytes <= f * full
+            assert any("stored layouts exact" in r["model"] for r in q.stats["rounds"]) == relaxation
+            got[relaxation, f] = q.objective
+    for f in (0.7, 0.8):
+        assert got[True, f] == pytest.approx(got[False, f], rel=1e-9)
 
 
 def test_no_solution_in_time_falls_back_to_simple_plan(capsys):

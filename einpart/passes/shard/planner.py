@@ -728,7 +728,7 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
         return Solved(built, sol, sol.bound, sol.gap, sol.status, rounds,
                       "" if sol.status == "optimal" else _time_note(asked, sol.gap))
     relaxed, knap_plan = sol.bound, None
-    if knapsack:
+    if knapsack and (deterministic or time.perf_counter() < t0 + time_limit):
         from .joint import joint_limited     # (joint.py builds on this module)
         proved, knap_bound, knap_plan = joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of,
                                                       rounds, math.inf if deterministic else t0 + time_limit,
