@@ -24,8 +24,13 @@ from . import eliminate, ilp
 from .planner import (Builder, Solved, _min_usage, is_stored, map_assignment, memory_error, memory_floor,
                       rule_out_oversized)
 
-# Time CP-SAT gets to close the stored-layout knapsack on the pruned graph (PaLM 540B: 0.6-1.4 s).
+# Time CP-SAT gets to close the stored-layout knapsack on the pruned graph: FINISH_S up
+# to FINISH_SMALL strategies (PaLM 540B: 400-475 left, proved in 0.1-0.5 s), FINISH_LARGE_S
+# above (832 left: 3.7 s; 1025 and more: not proved in 20 s), where it is a try that
+# eliminate.solve repeats once the pruning has halved the graph.
 FINISH_S = 10.0
+FINISH_SMALL = 600
+FINISH_LARGE_S = 2.0
 # Passes the stored-layout relaxation gets (PaLM 540B: proved after 12-14), and the
 # flat passes in a row after which it gives up (the planner's other steps follow).
 KNAPSACK_ITERATIONS = 30
@@ -77,7 +82,8 @@ def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, 
     relaxed = stored_knapsack(built, limit)
 
     def finish(work, best):
-        left = FINISH_S if deterministic else max(min(FINISH_S, until - time.perf_counter()), 0.05)
+        most = FINISH_S if work.counts()["strategies"] <= FINISH_SMALL else FINISH_LARGE_S
+        left = most if deterministic else max(min(most, until - time.perf_counter()), 0.05)
         # one worker: as fast on these 400-700 strategy graphs as two, at half the CPU (measured)
         return ilp.solve_work(work, relaxed, best, left, 1, seed, deterministic)
     got = eliminate.solve(relaxed, until=until, finish=finish, max_iter=KNAPSACK_ITERATIONS,
