@@ -288,6 +288,31 @@ def test_finish_by_cp_sat_proves_memory_limited_graphs(integral):
     assert finished >= 3
 
 
+def test_a_finish_that_does_not_prove_is_tried_again_on_half_the_graph():
+    """A finish that does not prove (here: the first call of each solve gives up)
+    is called again once the pruning has halved the strategies it was given,
+    and the solve still ends at the brute-force optimum."""
+    from einpart.passes.shard.ilp import solve_work
+    retried = 0
+    for seed in range(12):
+        g = random_graph(100 + seed, limit=0.4)
+        g.usage_limit = float(np.floor(g.usage_limit))
+        sizes = []
+
+        def finish(w, b, g=g, sizes=sizes):
+            sizes.append(w.counts()["strategies"])
+            return ("unknown", None, -np.inf) if len(sizes) == 1 else solve_work(w, g, b, 10.0)
+        got = eliminate.solve(g, cap=10 ** 6, max_iter=60, finish=finish, finish_at=10 ** 4)
+        best = brute(g)
+        check(g, got, best)
+        assert [f["strategies"] for f in got.stats.get("finishes", [])] == sizes
+        if len(sizes) > 1:
+            retried += 1
+            assert all(b <= a // 2 for a, b in zip(sizes, sizes[1:]))
+            assert got.status == "optimal"
+    assert retried >= 1
+
+
 def test_star_updates_keep_dropped_edge_bounds_valid():
     """The dropped-edge multipliers (star updates) change only the speed: with a
     tiny cap every pass drops edges, and every bound the passes give stays at or

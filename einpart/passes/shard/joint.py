@@ -71,14 +71,16 @@ def stored_knapsack(built, limit: float) -> ilp.StrategyGraph:
 
 
 def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds: list, until: float,
-                  seed: int, deterministic: bool) -> tuple[Solved | None, float, Solved | None]:
+                  seed: int, deterministic: bool, built=None) -> tuple[Solved | None, float, Solved | None]:
     """The joint problem with the memory limit through its stored-layout
     relaxation (stored_knapsack): eliminate.solve prunes it with memory prices
     and hands the small graph left to CP-SAT (ilp.solve_work), which proves R's
     optimum. Returns (the proved limited optimum or None, R's bound, R's plan
-    as a Solved when it fits but is not proved, else None)."""
+    as a Solved when it fits but is not proved, else None). built: that folded
+    graph when the caller has it (planner.solve_phase), else it is built here."""
     t0 = time.perf_counter()
-    built = _build_joint(graph, mesh, hw, phases, limit, fix, prune, merge)
+    if built is None:
+        built = _build_joint(graph, mesh, hw, phases, limit, fix, prune, merge)
     relaxed = stored_knapsack(built, limit)
 
     def finish(work, best):

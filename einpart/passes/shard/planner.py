@@ -732,7 +732,7 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
         from .joint import joint_limited     # (joint.py builds on this module)
         proved, knap_bound, knap_plan = joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of,
                                                       rounds, math.inf if deterministic else t0 + time_limit,
-                                                      seed, deterministic)
+                                                      seed, deterministic, built=built)
         if proved is not None:
             return proved
         relaxed = max(relaxed, knap_bound)
