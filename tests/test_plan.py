@@ -314,6 +314,31 @@ def test_one_phase_limited_plan_proved_by_the_relaxation(monkeypatch):
         assert got[True, f] == pytest.approx(got[False, f], rel=1e-9)
 
 
+def test_least_variants_relaxation_proves_when_activations_bind():
+    """Where the stored-layout relaxation's plan does not fit (activations bind:
+    the tiny spec's prefill at 60% of its unlimited plan's memory), the tighter
+    relaxation (each folded statement at its smallest variant) proves the plan,
+    at the optimum of the exact (unfolded) graph, which elimination and CP-SAT
+    prove on their own."""
+    full = plan(tiny(), "x=2,y=4", "tpu-v4", "prefill", memory_limit=None).phases["prefill"].memory_bytes
+    p = plan(tiny(), "x=2,y=4", "tpu-v4", "prefill", memory_limit=0.6 * full, time_limit=10)
+    rounds = {r["model"]: r for r in p.stats["rounds"]}
+    assert list(rounds) == ["unlimited", "prefill, stored layouts exact (elimination + CP-SAT)",
+                            "prefill, activations at their least variant (elimination + CP-SAT)"]
+    assert not rounds["prefill, stored layouts exact (elimination + CP-SAT)"]["fits"]
+    assert p.status == "optimal" and p.phases["prefill"].memory_bytes <= 0.6 * full
+    from einpart.passes.shard import eliminate
+    from einpart.passes.shard import planner as pl
+    from einpart.passes.shard.hardware import load_hardware
+    from einpart.passes.shard.ilp import solve_work
+    from einpart.passes.shard.mesh import parse_mesh
+    from einpart.passes.shard.phases import make_phases
+    phases = make_phases(tiny(), "prefill")
+    exact = pl.Builder(tiny(), parse_mesh("x=2,y=4"), load_hardware("tpu-v4"), phases, fold=False).build(0.6 * full)
+    ref = eliminate.solve(exact.sg, finish=lambda w, b: solve_work(w, exact.sg, b, 10.0))
+    assert ref.status == "optimal" and p.objective == pytest.approx(ref.objective, rel=1e-9)
+
+
 def test_no_solution_in_time_falls_back_to_simple_plan(capsys):
     """No plan found at all in time (the limit is spent before the memory-limited
     search starts): the plan is codegen's simple plan, priced, and both the plan's

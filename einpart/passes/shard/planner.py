@@ -694,7 +694,8 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
     too. Otherwise, with `knapsack`, the stored-layout relaxation
     (joint.joint_limited: elimination, then CP-SAT on ~10 stored layouts), which
     usually proves the limited optimum (PaLM 540B prefill on tpu-v4 4x4x4: 1.3-1.7 s,
-    where the CP-SAT model below ran out of its 30 s at a 0.5-5% gap). Otherwise
+    where the CP-SAT model below ran out of its 30 s at a 0.5-5% gap), and when
+    its plan does not fit (activations bind), the tighter joint.least_variants. Otherwise
     solve the exact model (every reduce-scatter variant its own strategy) with
     the limit; the unlimited optimum stays a lower bound. `memory_of(built,
     assignment)` returns the bytes per device of a plan; `asked` is the time
@@ -728,11 +729,13 @@ def solve_phase(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: 
         return Solved(built, sol, sol.bound, sol.gap, sol.status, rounds,
                       "" if sol.status == "optimal" else _time_note(asked, sol.gap))
     relaxed, knap_plan = sol.bound, None
-    if knapsack and (deterministic or time.perf_counter() < t0 + time_limit):
-        from .joint import joint_limited     # (joint.py builds on this module)
+    from .joint import RELAXATIONS, joint_limited     # (joint.py builds on this module)
+    for relaxation in RELAXATIONS if knapsack else ():   # the next only when the first's plan does not fit
+        if knap_plan is not None or not (deterministic or time.perf_counter() < t0 + time_limit):
+            break
         proved, knap_bound, knap_plan = joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of,
                                                       rounds, math.inf if deterministic else t0 + time_limit,
-                                                      seed, deterministic, built=built)
+                                                      seed, deterministic, built=built, relaxation=relaxation)
         if proved is not None:
             return proved
         relaxed = max(relaxed, knap_bound)
