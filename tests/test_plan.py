@@ -314,6 +314,18 @@ def test_one_phase_limited_plan_proved_by_the_relaxation(monkeypatch):
         assert got[True, f] == pytest.approx(got[False, f], rel=1e-9)
 
 
+def test_two_phase_time_limit_note_gives_the_plans_gap():
+    """A two-phase plan that hits its time limit says so with its own gap (not
+    the gap of an inner solve), and it fits."""
+    full = plan(tiny(), "x=2,y=4", "tpu-v4", "both", memory_limit=None)
+    limit = 0.4 * max(r.memory_bytes for r in full.phases.values())
+    p = plan(tiny(), "x=2,y=4", "tpu-v4", "both", memory_limit=limit, time_limit=1.5)
+    assert p.status == "feasible" and p.gap > 0
+    assert p.note == f"time limit (1.5 s) hit: best plan found, gap {p.gap:.3g}"
+    assert all(r.memory_bytes <= limit for r in p.phases.values())
+    assert p.objective == pytest.approx(p.stats["objective_repriced"], rel=1e-6)
+
+
 def test_least_variants_relaxation_proves_when_activations_bind():
     """Where the stored-layout relaxation's plan does not fit (activations bind:
     the tiny spec's prefill at 60% of its unlimited plan's memory), the tighter

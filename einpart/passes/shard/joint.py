@@ -41,7 +41,7 @@ KNAPSACK_PATIENCE = 4
 KNAPSACK_REPAIR = 20
 
 
-def _build_joint(graph, mesh, hw, phases, limit, fix, prune, merge):
+def build_joint(graph, mesh, hw, phases, limit, fix, prune, merge):
     """The folded joint graph without a limit, declaration layouts that cannot
     fit ruled out (exact), or the error that no layout fits."""
     built = Builder(graph, mesh, hw, phases, fix, fold=True, prune=prune, merge=merge).build(None)
@@ -89,17 +89,19 @@ RELAXATIONS = {"stored layouts exact": stored_knapsack, "activations at their le
 
 
 def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds: list, until: float,
-                  seed: int, deterministic: bool, built=None, relaxation: str = "stored layouts exact"
-                  ) -> tuple[Solved | None, float, Solved | None]:
+                  seed: int, deterministic: bool, built=None, relaxation: str = "stored layouts exact",
+                  patience: int | None = KNAPSACK_PATIENCE) -> tuple[Solved | None, float, Solved | None]:
     """The joint problem with the memory limit through one of its RELAXATIONS
     (stored_knapsack by default): eliminate.solve prunes it with memory prices
     and hands the small graph left to CP-SAT (ilp.solve_work), which proves R's
     optimum. Returns (the proved limited optimum or None, R's bound, R's plan
     as a Solved when it fits but is not proved, else None). built: that folded
-    graph when the caller has it (planner.solve_phase), else it is built here."""
+    graph (build_joint) when the caller has it, else it is built here. patience:
+    eliminate.solve's (None: the passes go on to `until` or KNAPSACK_ITERATIONS,
+    for the plans their repairs find)."""
     t0 = time.perf_counter()
     if built is None:
-        built = _build_joint(graph, mesh, hw, phases, limit, fix, prune, merge)
+        built = build_joint(graph, mesh, hw, phases, limit, fix, prune, merge)
     relaxed = RELAXATIONS[relaxation](built, limit)
 
     def finish(work, best):
@@ -108,7 +110,7 @@ def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, 
         # one worker: as fast on these 400-700 strategy graphs as two, at half the CPU (measured)
         return ilp.solve_work(work, relaxed, best, left, 1, seed, deterministic)
     got = eliminate.solve(relaxed, until=until, finish=finish, max_iter=KNAPSACK_ITERATIONS,
-                          patience=KNAPSACK_PATIENCE, repair=KNAPSACK_REPAIR)
+                          patience=patience, repair=KNAPSACK_REPAIR)
     fits = got.assignment is not None and memory_of(built, got.assignment) <= limit
     stats = {k: v for k, v in got.stats.items() if k != "bounds"}
     rounds.append({"model": f"{'joint' if len(phases) > 1 else phases[0].name}, {relaxation} "
@@ -130,7 +132,7 @@ def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, 
 
 
 def joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds: list,
-                    until: float) -> tuple[Solved | None, float, tuple | None]:
+                    until: float, built=None) -> tuple[Solved | None, float, tuple | None]:
     """The joint problem (both phases, stored layouts shared) without the memory
     limit, solved exactly by elimination (eliminate.py); declaration layouts that
     cannot fit are ruled out first (exact). Its optimum bounds the limited
@@ -138,7 +140,8 @@ def joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of
     as a proved plan. Returns (that plan or None, the bound, (the folded Built,
     the unlimited plan) when that plan does not fit, for priced())."""
     t0 = time.perf_counter()
-    built = _build_joint(graph, mesh, hw, phases, limit, fix, prune, merge)
+    if built is None:
+        built = build_joint(graph, mesh, hw, phases, limit, fix, prune, merge)
     got = eliminate.solve(built.sg, until=until)
     fits = got.assignment is not None and (limit is None or memory_of(built, got.assignment) <= limit)
     rounds.append({"model": "joint unlimited, elimination", "status": got.status, "objective": got.objective,
