@@ -26,10 +26,12 @@ Pipeline of :func:`solve` (``reductions=True``, the default):
    descent stops in on IOPDDL V).
 3c. then MIP neighbourhoods (``mip.py``, not in deterministic mode): first
    every memory-relevant node may rise to its usage in the memory-free
-   optimum (the way out of a poor basin), then the memory-relevant nodes
-   capped at the best plan's usage levels (those of the tightest constraints
-   may rise two levels); everything else free, solved by HiGHS on the pairs
-   formulation with the best plan as its start.
+   optimum (the way out of a poor basin; when it gains, the MIP steps end
+   and step 4 starts from its plan, which CP-SAT leaves in seconds on V),
+   else the memory-relevant nodes capped at the best plan's usage levels
+   (those of the tightest constraints may rise two levels); everything else
+   free, solved by HiGHS on the pairs formulation with the best plan as its
+   start.
 4. CP-SAT on the reduced graph with the best solution as a complete hint.
    Default edge formulation ``form="enforced"``: one integer cost per edge,
    ``e >= sum_j M[i,j]*y_j`` enforced by the row literal (and the column
