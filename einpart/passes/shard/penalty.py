@@ -45,6 +45,7 @@ def penalty_rounds(work, graph, best, best_obj, until, workers, seed, determinis
         if not deterministic and left < 2.0:
             break
         rounds += 1
+        tr = time.perf_counter()
         wi = copy.deepcopy(base)
         for c, (terms, _) in enumerate(cons):
             if lam[c] > 0:
@@ -59,7 +60,8 @@ def penalty_rounds(work, graph, best, best_obj, until, workers, seed, determinis
             st, solver = _ilp._cpsat(model, min(2.0, 0.1 * share) if deterministic else min(4.0, 0.5 * left),
                                 workers, seed, deterministic)
             if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-                stats.setdefault("penalty_rounds", []).append({"inner_status": solver.status_name(st)})
+                stats.setdefault("penalty_rounds", []).append(
+                    {"inner_status": solver.status_name(st), "wall_s": round(time.perf_counter() - tr, 2)})
                 break
             full = wi.reconstruct(model.read(solver))
             err = 0.0 if model.exact else (model.terms + 1) * 0.5 / model.scale
@@ -95,7 +97,8 @@ def penalty_rounds(work, graph, best, best_obj, until, workers, seed, determinis
             if obj < best_obj and _ilp._feasible(graph, fullc):
                 best, best_obj = fullc, obj
         stats.setdefault("penalty_rounds", []).append(
-            {"lagrangian_bound": lagr, "overflow": float(np.maximum(g, 0).sum()), "best": best_obj})
+            {"lagrangian_bound": lagr, "overflow": float(np.maximum(g, 0).sum()), "best": best_obj,
+             "wall_s": round(time.perf_counter() - tr, 2)})
         nrm = float(g @ g)
         if nrm == 0 or lb >= best_obj - 1e-9 * abs(best_obj):  # gap closed: best is optimal
             break
