@@ -101,7 +101,7 @@ def test_mip_search_stays_feasible_and_reaches_the_capped_optimum():
         start_full = max(plans, key=lambda p: evaluate(g, p))
         start = {i: start_full[i] for i in w.nodes()}
         stats = {}
-        x, c = mip_search(w, start, priced, until=time.perf_counter() + 30, stats=stats)
+        x, c = mip_search(w, start, priced, until=time.perf_counter() + 30, stats=stats, union_first=False)
         full = w.reconstruct(x)
         assert _feasible(g, full) and c == evaluate(g, full) <= evaluate(g, start_full)
         assert c == min(evaluate(g, p) for p in plans), seed   # the two-level steps reach every level here
@@ -109,6 +109,47 @@ def test_mip_search_stays_feasible_and_reaches_the_capped_optimum():
         assert "memory_free" in steps[0]                         # the memory-free optimum is computed first
         if c < evaluate(g, start_full):
             assert steps[1]["tight"] == 0                        # the first MIP step: everything capped
+
+
+def test_mip_search_union_first_stops_at_the_union_optimum():
+    """Default schedule: the union step comes first; when it improves, the
+    search stops there (its plan is the final CP-SAT's start) with the
+    brute-force optimum of the union neighbourhood; when it does not, the
+    capped and two-level steps follow."""
+    stopped = went_on = 0
+    for seed in range(8):
+        g = _graph(seed)
+        plans = _plans(g)
+        if not plans:
+            continue
+        w = _work(g)
+
+        def priced(x):
+            full = w.reconstruct(x)
+            return evaluate(g, full) if _feasible(g, full) else np.inf
+        start_full = max(plans, key=lambda p: evaluate(g, p))
+        start = {i: start_full[i] for i in w.nodes()}
+        free_w = _free_work(g)
+        free = memory_free_plan(w, time_limit=30, free_work=free_w)
+        if free is None or evaluate(g, w.reconstruct(free)) >= min(evaluate(g, p) for p in plans):
+            continue                                   # the memory-free optimum fits: no union step
+        stats = {}
+        x, c = mip_search(w, start, priced, until=time.perf_counter() + 30, stats=stats, free_work=free_w)
+        full = w.reconstruct(x)
+        assert _feasible(g, full) and c == evaluate(g, full) <= evaluate(g, start_full)
+        steps = stats["mip"]["steps"]
+        assert steps[1]["tight"] == "union", seed
+        wc = capped(w, start, ub=evaluate(g, start_full), also=free)
+        _, xu, _ = solve_mip(wc, time_limit=30, hint=start_full)
+        union_opt = evaluate(g, wc.reconstruct(xu))
+        assert steps[1]["cost"] == union_opt, seed
+        if union_opt < evaluate(g, start_full):
+            assert len(steps) == 2 and c == union_opt, seed
+            stopped += 1
+        else:
+            assert len(steps) > 2 and steps[2]["tight"] == 0, seed
+            went_on += 1
+    assert stopped >= 1
 
 
 def _usage_in(w, i, x):

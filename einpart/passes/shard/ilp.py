@@ -26,10 +26,12 @@ Pipeline of :func:`solve` (``reductions=True``, the default):
    descent stops in on IOPDDL V).
 3c. then MIP neighbourhoods (``mip.py``, not in deterministic mode): first
    every memory-relevant node may rise to its usage in the memory-free
-   optimum (the way out of a poor basin), then the memory-relevant nodes
-   capped at the best plan's usage levels (those of the tightest constraints
-   may rise two levels); everything else free, solved by HiGHS on the pairs
-   formulation with the best plan as its start.
+   optimum (the way out of a poor basin; when it gains, the MIP steps end
+   and step 4 starts from its plan, which CP-SAT leaves in seconds on V),
+   else the memory-relevant nodes capped at the best plan's usage levels
+   (those of the tightest constraints may rise two levels); everything else
+   free, solved by HiGHS on the pairs formulation with the best plan as its
+   start.
 4. CP-SAT on the reduced graph with the best solution as a complete hint.
    Default edge formulation ``form="enforced"``: one integer cost per edge,
    ``e >= sum_j M[i,j]*y_j`` enforced by the row literal (and the column
@@ -60,7 +62,6 @@ if it ever triggers, breaks reproducibility.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -68,13 +69,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from ortools.sat.python import cp_model
 
-from .descent import Descent, local_search
+from .descent import local_search
 from .lns import iterated_local_search
 from .mip import mip_search
+from .penalty import penalty_rounds
 from .reduce import FORBIDDEN, Infeasible, Work
 
 _SCALE_TOP = 1e9  # largest finite cost after scaling
-_THETA0 = 0.05  # initial Polyak step factor of the soft-memory rounds
 _PENALTY_MIN_STRATEGIES = 1000  # smaller reduced graphs go straight to CP-SAT
 _ILS_KICKS = 1000  # kicks of the iterated local search in deterministic mode (about 9 s on IOPDDL V)
 
@@ -397,93 +398,6 @@ def _quick_cpsat(work, graph, best, limit, workers, seed, deterministic, form):
     return ("optimal" if proved else "feasible"), full
 
 
-def _penalty_rounds(work, graph, best, best_obj, until, workers, seed, deterministic, form, stats, share=20.0):
-    """Soft-memory rounds (Lagrangian relaxation of the memory constraints).
-
-    Each round adds lam_c * usage to the node costs, drops the memory limit
-    (so every node becomes memory-free and the reductions shrink the graph
-    much further), solves that with CP-SAT, and repairs the memory overflow
-    of its answer with the memory-respecting local search.  The multipliers
-    follow a Polyak subgradient step.  Returns (best, best_obj, lower bound):
-    the penalised optimum minus lam.b bounds the constrained optimum below."""
-    cons, _ = work.memory_constraints()
-    lb = -math.inf
-    if not cons:
-        return best, best_obj, lb
-    b = np.array([bc for _, bc in cons])
-    lam = np.zeros(len(cons))
-    base = copy.deepcopy(work)
-    base.limit, base.parts, base.dirty = None, [[] for _ in range(base.n)], set(base.nodes())
-    prev = _to_partial(work, best) if best else None
-    repair = Descent(work)   # work does not change during the rounds: its tables are built once
-    theta, stall, rounds = _THETA0, 0, 0
-    while rounds < (3 if deterministic else 50):
-        left = until - time.perf_counter()
-        if not deterministic and left < 2.0:
-            break
-        rounds += 1
-        wi = copy.deepcopy(base)
-        for c, (terms, _) in enumerate(cons):
-            if lam[c] > 0:
-                for i, coef in terms.items():
-                    wi.cost[i] = wi.cost[i] + lam[c] * coef
-        wi.run()
-        start = local_search(wi, start=prev, iters=100, seed=seed + rounds)
-        if wi.nodes():
-            model = _Model(wi, form=form)
-            if start:
-                model.hint(start)
-            st, solver = _cpsat(model, min(2.0, 0.1 * share) if deterministic else min(4.0, 0.5 * left),
-                                workers, seed, deterministic)
-            if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-                stats.setdefault("penalty_rounds", []).append({"inner_status": solver.status_name(st)})
-                break
-            full = wi.reconstruct(model.read(solver))
-            err = 0.0 if model.exact else (model.terms + 1) * 0.5 / model.scale
-            # only a proved optimum is used as the Lagrangian value (a bound read
-            # from a run cut short in presolve was once seen above the optimum)
-            bound = (solver.objective_value / model.scale + model.base - err
-                     if st == cp_model.OPTIMAL else -math.inf)
-            raw = solver.best_objective_bound / model.scale + model.base
-        else:
-            full, bound = wi.reconstruct({}), wi.const
-            raw = bound
-        xp = _to_partial(work, full)
-        prev = xp
-        lagr = bound - float(lam @ b)
-        if lagr > best_obj:  # cannot be a bound: ignore
-            lagr = -math.inf
-        if lagr > lb and (lb == -math.inf or lagr > lb + 1e-9 * abs(lb)):
-            lb, stall = lagr, 0
-        else:
-            stall += 1
-            if stall >= 2:
-                theta, stall = theta / 2, 0
-        g = np.array([sum(coef[np.searchsorted(work.strat[i], xp[i])] for i, coef in terms.items())
-                      for terms, _ in cons]) - b
-        cands = [xp] if (g <= 0).all() else []
-        for k in range(4):  # repair the overflow (and improve) with the memory-aware local search
-            xr = repair.run(start=xp, iters=100, seed=seed + 1000 * rounds + k)
-            if xr:
-                cands.append(xr)
-        for xc in cands:
-            fullc = work.reconstruct(xc)
-            obj = evaluate(graph, fullc)
-            if obj < best_obj and _feasible(graph, fullc):
-                best, best_obj = fullc, obj
-        stats.setdefault("penalty_rounds", []).append(
-            {"lagrangian_bound": lagr, "overflow": float(np.maximum(g, 0).sum()), "best": best_obj})
-        nrm = float(g @ g)
-        if nrm == 0 or lb >= best_obj - 1e-9 * abs(best_obj):  # gap closed: best is optimal
-            break
-        # Polyak step towards the best cost; the reference value is the inner
-        # solver's bound even when not proved (a step size needs no proof)
-        ref = min(raw - float(lam @ b), best_obj) if math.isfinite(best_obj) else raw - float(lam @ b)
-        ub = best_obj if math.isfinite(best_obj) else 2 * abs(ref) + 1
-        lam = np.maximum(0.0, lam + theta * max(ub - ref, 0.01 * abs(ub)) / nrm * g)
-    return best, best_obj, lb
-
-
 def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, workers: int = 2,
           reductions: bool = True, hint=None, heuristic: bool | None = None,
           deterministic: bool = False, log: bool = False, params: dict | None = None,
@@ -513,7 +427,7 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
     validate(graph)
     heuristic = reductions if heuristic is None else heuristic
     times: dict[str, float] = {}
-    stats: dict = {"time_s": times}
+    stats: dict = {"time_s": times, "timeline": []}
 
     def done(status, x=None, bound=-math.inf):
         obj = evaluate(graph, x) if x is not None else math.inf
@@ -527,6 +441,10 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
                         time.perf_counter() - t0, stats)
 
     until = t0 + time_limit
+
+    def mark(step):
+        """stats["timeline"]: (seconds since the start, step just ended, best cost then)"""
+        stats["timeline"].append((round(time.perf_counter() - t0, 2), step, best_obj))
 
     def out_of_time():
         return not deterministic and time.perf_counter() >= until
@@ -577,6 +495,7 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
             improve(local_search(work, _to_partial(work, best) if best else None, seed=seed,
                                  t_cap=None if deterministic else min(0.2 * time_limit, until - t1)))
             stats["heuristic_cost"] = best_obj
+            mark("local_search")
             prune()
             t2 = time.perf_counter()
             times["local_search"] = t2 - t1
@@ -596,14 +515,17 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
                         stats["proved_by"] = "quick CP-SAT"
                         return done("optimal", best)
                     prune()
-                best, best_obj, lag_lb = _penalty_rounds(
+                mark("quick_cpsat")
+                best, best_obj, lag_lb = penalty_rounds(
                     work, graph, best, best_obj, t0 + penalty_share * time_limit, workers, seed,
                     deterministic, form, stats, time_limit)
             stats["penalty_cost"] = best_obj
+            mark("penalty")
             prune()
             improve(local_search(work, _to_partial(work, best) if best else None, seed=seed + 1,
                                  iters=100, t_cap=None if deterministic else 0.1 * time_limit))
             times["penalty"] = time.perf_counter() - t2
+            mark("descent")
     except Infeasible as exc:
         stats["infeasible_reason"] = str(exc)
         if work is not None:
@@ -629,6 +551,7 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
             prune()
         times["ils"] = time.perf_counter() - tk
         stats["ils_cost"] = best_obj
+        mark("ils")
         if not deterministic and work.nodes() and not out_of_time():
             # MIP neighbourhoods (mip.py): memory capped at the incumbent's levels, HiGHS for the rest
             tm = time.perf_counter()
@@ -644,6 +567,7 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
                 prune()
             times["mip"] = time.perf_counter() - tm
             stats["mip_cost"] = best_obj
+            mark("mip")
         stats["after"] = work.counts()
         t2 = time.perf_counter()   # times["model"] counts the model build only
     stats["removed"] = dict(work.removed)
@@ -690,6 +614,7 @@ def solve(graph: StrategyGraph, *, time_limit: float = 10.0, seed: int = 0, work
         obj = evaluate(graph, full)
         if obj < best_obj and _feasible(graph, full):
             best, best_obj = full, obj
+    mark("cpsat")
     if best is None:
         return done("unknown", None, bound)
     proved = trusted and st == cp_model.OPTIMAL and (model.exact or err <= 1e-6 * max(1.0, abs(best_obj)))

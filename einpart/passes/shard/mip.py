@@ -30,6 +30,21 @@ step 1b): every memory node may rise to its usage in the memory-free optimum
 1,823,915 and 2,270,353 to 1,715,389 in 30 s, and 1,790,072 to 1,617,084
 (proved optimal for the union) in 26 s.
 
+The union's optimum, where it is not 1,617,084, is a plan CP-SAT gets out of
+at once: hinted with 1,764,542 or 1,715,389 (the union optima from the
+2.16M and 2.32M basins), CP-SAT on the whole reduced graph (2 workers)
+finds 1,617,084 after 2.8 s (2.0 s of it presolve), where from 2.11M,
+2.27M, 1.79M or 1.84M it finds nothing or little in 15 s.  Those two plans
+differ from 1,617,084 in 10-16 nodes, 2-3 of them memory nodes that must
+rise far (node 287 from 0 to its top level, 1 MB): no HiGHS neighbourhood
+tried holds them and stays small (union + every level of the nodes whose
+memory-free strategy the reductions removed: 3,941-4,078 strategies,
+nothing found in 40 s; union + every level the LP relaxation supports:
+holds 1,617,084, 1,724,180 in 40 s).  So by default the union step comes
+first (directly from the ILS plan: the capped step before it cost 5-8.5 s
+and only delayed it: from 2,161,752, 1,764,542 proved in 23.3 s either way)
+and, when it gains, ends the search, leaving the time to the caller's CP-SAT.
+
 Every plan this module returns is checked by the caller on the original graph.
 """
 from __future__ import annotations
@@ -279,24 +294,29 @@ def solve_mip(work, time_limit=10.0, hint=None):
 
 
 def mip_search(work, start, objective, *, until, step_limit=20.0, capped_limit=8.0, union_limit=30.0,
-               max_fails=2, free_work=None, stats=None):
+               max_fails=2, free_work=None, stats=None, union_first=True):
     """Improve ``start`` ({alive node of ``work``: original strategy}, memory
     feasible) by MIP neighbourhoods until ``until`` (perf_counter).  Every
     step gives HiGHS the incumbent as its start (``solve_mip``'s hint).
 
-    Schedule: (1) every memory-relevant node capped at its usage in the
-    incumbent; (1b) "union": every memory-relevant node may take any usage up
+    Schedule: (1b) "union": every memory-relevant node may take any usage up
     to the larger of its usage in the incumbent and in the memory-free
     optimum (``memory_free_plan``), the constraints that can still break stay
-    in the MIP; (2) the nodes of the ``k`` tightest memory constraints (least slack at the
+    in the MIP; with ``union_first`` (the default) it comes first and, when
+    it gains, the search ends there (see the module docstring: its plan is
+    the start from which the caller's CP-SAT finds the rest); (1) every
+    memory-relevant node capped at its usage in the incumbent (before (1b)
+    when not ``union_first``); (2) the nodes of the ``k`` tightest memory constraints (least slack at the
     incumbent, relative to the constraint's bound) may rise two levels, the
     rest stay capped, for k = 1, 2, 4, ...; ``max_fails`` steps in a row
     without a gain end the search (the rest of the time is the caller's).
     Step (1) gets at most ``capped_limit`` s, (1b) ``union_limit``, the
-    others ``step_limit``; (1b) does not count as a failure.  (1) comes first
-    because it is quick and its plan is a better start for HiGHS in (1b):
-    from the 2,161,752 plan of seed 1, (1b) found nothing in 30 s (twice);
-    from the 2,112,031 plan (1) gives, 1,728,290 in 22 s.
+    others ``step_limit``; (1b) does not count as a failure.  (Without
+    ``union_first``, (1) came first as a better start for HiGHS in (1b): from
+    the 2,161,752 plan of seed 1, (1b) found nothing in 30 s, twice, on a
+    loaded machine; measured again on a quieter one, (1b) from that plan
+    proves 1,764,542 in 23.3 s, as it does from the 2,112,031 plan (1) gives
+    after 8.5 s.)
 
     Why (1b): the soft-memory rounds end in a basin that (1) and (2) cannot
     leave when the start leaves memory unused at the tight steps: on IOPDDL V
@@ -330,7 +350,7 @@ def mip_search(work, start, objective, *, until, step_limit=20.0, capped_limit=8
             if obj < best_obj:
                 best, best_obj, free = free, obj, None
             else:
-                schedule.insert(1, "union")
+                schedule.insert(0 if union_first else 1, "union")
     step = fails = 0
     while step < len(schedule):
         left = until - time.perf_counter()
@@ -357,6 +377,8 @@ def mip_search(work, start, objective, *, until, step_limit=20.0, capped_limit=8
                     "wall_s": round(time.perf_counter() - t, 2)})
         if obj < best_obj - 1e-9 * abs(best_obj):
             best, best_obj, fails = y, obj, 0
+            if k == "union" and union_first:
+                break              # its plan is CP-SAT's start: the caller's CP-SAT gets the rest
         elif k != "union":
             fails += 1
             if fails >= max_fails:
