@@ -409,3 +409,31 @@ def test_elimination_order_is_the_greedy_min_by_table_fill_and_node(seed):
         seps.append(tuple(sorted(nb)))
     assert eliminate._order(adj, size) == (order, seps, mx, tot)
     assert max(len(s) for s in seps) >= 1 or not any(adj.values())
+
+
+@pytest.mark.parametrize("block, threads_from", [(4, 1 << 60), (4, 8), (1, 2)])
+def test_junction_pass_in_blocks_and_threads_is_the_same_pass(monkeypatch, block, threads_from):
+    """The pass sums and reduces each table in blocks of rows (junction.BLOCK),
+    shared by two threads from THREADS_FROM entries: with blocks of a few
+    entries, and threads on every table, its bound, plan and every node and
+    pair min-marginal are bit for bit those of the pass on whole tables (each
+    entry is summed in the same order; min is exact in any order)."""
+    from einpart.passes.shard import junction
+    for seed in range(6):
+        g = random_graph(40 + seed, n=8, kmax=5, pe=0.6, pforb=0.1)
+        w = Work(g.node_costs, g.node_usages, g.intervals, g.edges, g.edge_costs, None,
+                 skip={"eliminate", "merge", "dominance"})
+        w.normalize()
+        relax = eliminate._relaxation(w, 200, 2000)
+        cost = {i: w.cost[i] for i in w.nodes()}
+        monkeypatch.setattr(junction, "BLOCK", 1 << 30)
+        whole = junction.junction_pass(w, cost, relax)
+        monkeypatch.setattr(junction, "BLOCK", block)
+        monkeypatch.setattr(junction, "THREADS_FROM", threads_from)
+        got = junction.junction_pass(w, cost, relax)
+        assert (got.bound, got.plan, got.dropped) == (whole.bound, whole.plan, whole.dropped)
+        assert got.node_mm.keys() == whole.node_mm.keys() and got.pair_mm.keys() == whole.pair_mm.keys()
+        for i in whole.node_mm:
+            np.testing.assert_array_equal(got.node_mm[i], whole.node_mm[i])
+        for e in whole.pair_mm:
+            np.testing.assert_array_equal(got.pair_mm[e], whole.pair_mm[e])

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .junction import Pass, junction_pass  # noqa: F401  (junction_pass: used by tests as eliminate's)
 from .reduce import Infeasible, Work
 
 CAP = 4_000_000          # entries of the largest dense table of one elimination step
@@ -47,17 +48,6 @@ TOTAL = 40_000_000       # entries of all tables of one pass together
 _TOL = 1e-9              # relative tolerance of "above the best known cost"
 STAR_DAMPING = 0.5       # share of a star update of the edge multipliers taken (1 diverged on PaLM)
 FINISH_AT = 1600         # strategies left at most when solve hands the graph to `finish`
-
-
-@dataclass
-class Pass:
-    """One junction-tree pass: bound, its plan (local strategy positions), the
-    node and pair min-marginals, and whether any edge was dropped."""
-    bound: float
-    plan: dict
-    node_mm: dict
-    pair_mm: dict
-    dropped: int
 
 
 def _order(adj: dict, size: dict) -> tuple[list, list, float, float]:
@@ -119,129 +109,6 @@ def _relaxation(work: Work, cap: float, total: float):
             if eid is None:         # no edge left: one node alone is over the cap
                 return kept, order, seps
         kept.discard(eid)
-
-
-def _expand(vars_, table, target):
-    """table over vars_ as an array broadcastable over target (a tuple of vars)."""
-    if not vars_:
-        return np.asarray(table).reshape((1,) * len(target))
-    perm = sorted(range(len(vars_)), key=lambda a: target.index(vars_[a]))
-    t = np.transpose(table, perm)
-    shape = [1] * len(target)
-    for a in perm:
-        shape[target.index(vars_[a])] = table.shape[a]
-    return t.reshape(shape)
-
-
-def _min_to(table, vars_, keep):
-    """min of table (over vars_) onto the vars in keep (in vars_ order)."""
-    ax = tuple(a for a, x in enumerate(vars_) if x not in keep)
-    return table.min(axis=ax) if ax else table, tuple(x for x in vars_ if x in keep)
-
-
-def _pair_mins(table, vars_, v, partners) -> dict:
-    """{u: min of table onto (v, u) as a (v, u) array} for every u in partners,
-    sharing the reductions: the partners are split in halves and the table is
-    first reduced onto each half (with v), so a clique of r partners costs about
-    two full-table reductions instead of r (min is exact in any order)."""
-    if len(partners) == 1:
-        u, = partners
-        t, vs = _min_to(table, vars_, {v, u})
-        return {u: t if vs == (v, u) else t.T}
-    keep = set(partners) | {v}
-    if len(keep) < len(vars_):
-        table, vars_ = _min_to(table, vars_, keep)
-    half = len(partners) // 2
-    out = {}
-    for part in (partners[:half], partners[half:]):
-        t, vs = _min_to(table, vars_, set(part) | {v}) if len(part) + 1 < len(vars_) else (table, vars_)
-        out.update(_pair_mins(t, vs, v, part))
-    return out
-
-
-def junction_pass(work: Work, cost: dict, relaxation) -> Pass:
-    """Bound, plan and min-marginals of the graph in `work` with only the edges
-    `kept` (relaxation = (kept, order, separators) from _relaxation) and the
-    node costs `cost` ({node: array}, e.g. priced): two passes over the bucket
-    tree (upward: min over the eliminated node; downward: the rest of the
-    tree's message into each table). Each table has its eliminated node as the
-    last axis, so the upward min runs over contiguous memory, and the tables
-    are summed into three scratch buffers of the largest table's size (fresh
-    arrays of up to 4e6 entries cost page faults on every pass)."""
-    kept, order, seps = relaxation
-    pos = {v: k for k, v in enumerate(order)}
-    cliques = [s + (v,) for v, s in zip(order, seps)]
-    psi = []
-    for k, v in enumerate(order):
-        C = cliques[k]
-        t = _expand((v,), cost[v], C)
-        for u, eid in work.adj[v].items():
-            if eid in kept and pos[u] > k:
-                t = t + _expand((v, u), work.mat(eid, v), C)
-        psi.append(np.broadcast_to(t, tuple(len(work.strat[x]) for x in C)))
-    parent = [min((pos[x] for x in s), default=-1) for s in seps]
-    children = [[] for _ in order]
-    for k, p in enumerate(parent):
-        if p >= 0:
-            children[p].append(k)
-    largest = max(p.size for p in psi)
-    pool: list = []
-
-    def scratch(i, shape):      # buffer i as an array of `shape` (every table is at most `largest`)
-        while len(pool) <= i:
-            pool.append(np.empty(largest))
-        return pool[i][:math.prod(shape)].reshape(shape)
-    up = [None] * len(order)
-    for k, v in enumerate(order):
-        b = psi[k]
-        for c in children[k]:
-            out = scratch(0, psi[k].shape)
-            np.add(b, _expand(seps[c], up[c], cliques[k]), out=out)
-            b = out
-        up[k] = b.min(axis=-1)
-    roots = [k for k, p in enumerate(parent) if p < 0]
-    bound = work.const + sum(float(up[k]) for k in roots)
-    plan: dict = {}
-    for k in reversed(range(len(order))):
-        # the argmin of the upward table at the separator's choice, from its row alone (the
-        # same sums in the same order, so the same argmin as over the whole table)
-        ix = tuple(plan[x] for x in seps[k])
-        row = psi[k][ix]
-        for c in children[k]:
-            row = row + np.broadcast_to(_expand(seps[c], up[c], cliques[k]), psi[k].shape)[ix]
-        plan[order[k]] = int(np.argmin(row))
-    root = list(range(len(order)))
-    for k in reversed(range(len(order))):
-        if parent[k] >= 0:
-            root[k] = root[parent[k]]
-    down = [None] * len(order)
-    node_mm, pair_mm = {}, {}
-    for k in reversed(range(len(order))):       # parents before children
-        C = cliques[k]
-        v = order[k]
-        extra = bound - float(up[root[k]])      # const plus the other components' optima
-        shape = psi[k].shape
-        base = np.add(psi[k], _expand(seps[k], down[k], C), out=scratch(0, shape)) if down[k] is not None \
-            else psi[k]
-        msgs = [_expand(seps[c], up[c], C) for c in children[k]]
-        full = np.add(base, sum(msgs), out=scratch(1, shape)) if msgs else base
-        partners = [u for u, eid in work.adj[v].items() if eid in kept and pos[u] > k]
-        pairs = _pair_mins(full, C, v, partners) if partners else {}
-        if pairs:       # v's min-marginal from the smallest pair table (exact: a min of mins)
-            node_mm[v] = min(pairs.values(), key=lambda t: t.size).min(axis=1) + extra
-        else:
-            node_mm[v] = _min_to(full, C, {v})[0] + extra
-        for u, t in pairs.items():
-            eid = work.adj[v][u]
-            pair_mm[eid] = (t if work.ends[eid][0] == v else t.T) + extra
-        for j, c in enumerate(children[k]):
-            t = np.add(base, sum(m for i, m in enumerate(msgs) if i != j), out=scratch(2, shape)) \
-                if len(msgs) > 1 else base
-            d, vs = _min_to(np.broadcast_to(t, full.shape), C, set(seps[c]))
-            if len(vs) == len(C):       # nothing reduced: d is a scratch buffer, reused below
-                d = d.copy()
-            down[c] = np.transpose(d, [vs.index(x) for x in seps[c]])
-    return Pass(bound, plan, node_mm, pair_mm, len(work.emat) - len(kept))
 
 
 def prune(work: Work, p: Pass, ub: float) -> int:
