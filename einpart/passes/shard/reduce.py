@@ -43,7 +43,7 @@ class Infeasible(Exception):
 
 
 _SAMPLE_COLUMNS = 6     # columns per edge in the necessary test of dominance
-_PAIR_CHUNK = 1 << 22   # pair x column entries per block of the exact test
+_PAIR_CHUNK = 1 << 17   # pair x column entries per block of the exact test
 _FULL_TEST_MAX = 1 << 21   # k x k x columns up to which every pair is tested at once (no sampling)
 
 
@@ -262,6 +262,22 @@ def _kept(cost, mats, le=None):
         dom &= le.T
     np.fill_diagonal(dom, False)
     return _undominated(dom)
+
+
+def _chain_min(a, cost_v, b):
+    """(argmin over v, min) of a[u, v] + cost_v[v] + b[v, w], as (u, w) arrays,
+    in blocks of u's rows of about _PAIR_CHUNK entries: the whole u x v x w
+    tensor reaches _MAX_CHAIN (2.5e7 entries, 200 MB) and costs page faults."""
+    nu, nv = a.shape
+    nw = b.shape[1]
+    arg = np.empty((nu, nw), dtype=np.intp)
+    mm = np.empty((nu, nw))
+    step = max(1, _PAIR_CHUNK // max(nv * nw, 1))
+    for lo in range(0, nu, step):      # (summed in the order of the whole tensor: the same values)
+        t = a[lo:lo + step, :, None] + cost_v[None, :, None] + b[None, :, :]
+        arg[lo:lo + step] = np.argmin(t, axis=1)
+        mm[lo:lo + step] = np.take_along_axis(t, arg[lo:lo + step, None, :], axis=1)[:, 0, :]
+    return arg, mm
 
 
 def _fin(a):
@@ -613,9 +629,7 @@ class Work:
                 a, b = self.mat(e1, u), self.mat(e2, v)
                 if a.shape[0] * a.shape[1] * b.shape[1] > _MAX_CHAIN:
                     continue
-                t = a[:, :, None] + self.cost[v][None, :, None] + b[None, :, :]
-                arg = np.argmin(t, axis=1)
-                mm = np.take_along_axis(t, arg[:, None, :], axis=1)[:, 0, :]
+                arg, mm = _chain_min(a, self.cost[v], b)
                 self.del_edge(e1)
                 self.del_edge(e2)
                 self.add_edge(u, w, mm)
