@@ -531,7 +531,12 @@ class Work:
         changed = False
         freed = {i for i in self.with_usage if mem is None or mem[2][i]}   # the usage test is gone
         self.with_usage -= freed
-        todo, self.dirty = sorted(i for i in self.dirty | freed if self.alive[i]), set()
+        # the cheapest tests first (strategies x neighbours' strategies): what they remove
+        # makes the larger nodes' tests smaller and stronger (PaLM 540B both phases:
+        # eliminate.solve 1.74 -> 1.53 s median)
+        todo = sorted((i for i in self.dirty | freed if self.alive[i]),
+                      key=lambda i: (len(self.strat[i]) * sum(len(self.strat[u]) for u in self.adj[i]), i))
+        self.dirty = set()
         for i in todo:
             k = len(self.strat[i])
             if k <= 1:
