@@ -144,6 +144,28 @@ def _buffers(size: int) -> list:
     return bufs
 
 
+def _compact(terms: list, size: int) -> list:
+    """terms with the pairs whose broadcast sum is at most a quarter of the
+    table (`size` entries) summed ahead, smallest first: each such sum is one
+    add per block fewer over the whole table (a node's cost and its edges, a
+    message on a few of the clique's variables). Deterministic: the same terms
+    give the same sums."""
+    terms = list(terms)
+    while len(terms) > 1:
+        best = None
+        for a in range(len(terms)):
+            for b in range(a + 1, len(terms)):
+                n = math.prod(np.broadcast_shapes(terms[a].shape, terms[b].shape))
+                if best is None or n < best[0]:
+                    best = (n, a, b)
+        n, a, b = best
+        if 4 * n > size:
+            break
+        merged = terms[a] + terms[b]
+        terms = [t for j, t in enumerate(terms) if j not in (a, b)] + [merged]
+    return terms
+
+
 def _rows(shape) -> int:
     return max(1, BLOCK // max(math.prod(shape[1:]), 1))
 
@@ -200,17 +222,18 @@ def junction_pass(work, cost: dict, relaxation) -> Pass:
     psi = []            # each table's own terms: its node's cost and its kept edges to later nodes
     for k, v in enumerate(order):
         C = cliques[k]
-        psi.append([expand((v,), cost[v], C)] + [expand((v, u), work.mat(eid, v), C)
-                                                 for u, eid in work.adj[v].items() if eid in kept and pos[u] > k])
+        psi.append(_compact([expand((v,), cost[v], C)] + [expand((v, u), work.mat(eid, v), C) for u, eid in
+                                                          work.adj[v].items() if eid in kept and pos[u] > k],
+                            math.prod(shapes[k])))
     parent = [min((pos[x] for x in s), default=-1) for s in seps]
     children = [[] for _ in order]
     for k, p in enumerate(parent):
         if p >= 0:
             children[p].append(k)
-    up = [None] * len(order)
+    up, ups = [None] * len(order), [None] * len(order)
     for k in range(len(order)):
         C, shape = cliques[k], shapes[k]
-        terms = psi[k] + [expand(seps[c], up[c], C) for c in children[k]]
+        terms = ups[k] = _compact(psi[k] + [expand(seps[c], up[c], C) for c in children[k]], math.prod(shape))
 
         def upward(sl, bufs, outs, terms=terms):
             outs[0].add(_sum(terms, sl, bufs[0]).min(axis=-1), sl)
@@ -224,7 +247,7 @@ def junction_pass(work, cost: dict, relaxation) -> Pass:
         ix = tuple(plan[x] for x in seps[k])
         # (the same sums in the same order as the upward blocks: the same argmin)
         rows = [t[tuple(i if t.shape[a] > 1 else 0 for a, i in enumerate(ix))]
-                for t in psi[k] + [expand(seps[c], up[c], cliques[k]) for c in children[k]]]
+                for t in ups[k]]
         row = rows[0]
         for r in rows[1:]:
             row = row + r
@@ -238,7 +261,7 @@ def junction_pass(work, cost: dict, relaxation) -> Pass:
     for k in reversed(range(len(order))):       # parents before children
         C, shape, v = cliques[k], shapes[k], order[k]
         extra = bound - float(up[root[k]])      # const plus the other components' optima
-        base = psi[k] + ([expand(seps[k], down[k], C)] if down[k] is not None else [])
+        base = _compact(psi[k] + ([expand(seps[k], down[k], C)] if down[k] is not None else []), math.prod(shape))
         msgs = [expand(seps[c], up[c], C) for c in children[k]]
         partners = [u for u, eid in work.adj[v].items() if eid in kept and pos[u] > k]
         n_v = shape[-1]
