@@ -658,8 +658,8 @@ class Work:
             t0 = time.perf_counter()
             mem = self.mem_state()
             self.times["memory"] += time.perf_counter() - t0
-            for name, fn in (("dominance", self.dominance), ("leaf_pareto", self.leaf_pareto),
-                             ("merge", lambda _: self.merge_functional()), ("eliminate", self.eliminate)):
+            for name, fn in (("eliminate", self.eliminate), ("dominance", self.dominance),
+                             ("leaf_pareto", self.leaf_pareto), ("merge", lambda _: self.merge_functional())):
                 if name in self.skip:
                     continue
                 t0 = time.perf_counter()
