@@ -290,13 +290,15 @@ def _dominated_by_definition(cost, mats):
     return dom
 
 
-@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("sampled", [False, True, "in blocks"])
 @pytest.mark.parametrize("seed", range(12))
 def test_dominance_test_matches_the_definition(seed, sampled, monkeypatch):
     from einpart.passes.shard import reduce as red
     from einpart.passes.shard.reduce import _dominated_pairs
     if sampled:      # the sampled-columns path, which only large nodes take otherwise
         monkeypatch.setattr(red, "_FULL_TEST_MAX", 0)
+    if sampled == "in blocks":      # its exact test in blocks of a few pairs (_PAIR_CHUNK)
+        monkeypatch.setattr(red, "_PAIR_CHUNK", 5)
     rng = np.random.default_rng(seed)
     k = int(rng.integers(2, 14))
     cost = rng.integers(0, 6, k).astype(float)
@@ -484,3 +486,20 @@ def test_enforced_form_keeps_the_optimum_of_scaled_costs():
     plain = solve(sg, reductions=False, time_limit=3, hint=sol.assignment)
     assert plain.objective <= sol.objective * (1 + 1e-9)
     assert plain.bound <= plain.objective
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 17])
+def test_chain_elimination_in_blocks_is_the_whole_min(chunk, monkeypatch):
+    """reduce._chain_min (a degree-2 node's elimination, in blocks of u's rows
+    of about _PAIR_CHUNK entries): the same argmin and min, bit for bit, as over
+    the whole u x v x w tensor, infinities included."""
+    from einpart.passes.shard import reduce as red
+    monkeypatch.setattr(red, "_PAIR_CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    a, b = rng.random((9, 5)) * 7, rng.random((5, 4)) * 3
+    a[rng.random(a.shape) < 0.2] = np.inf
+    cost = rng.random(5)
+    t = a[:, :, None] + cost[None, :, None] + b[None, :, :]
+    arg, mm = red._chain_min(a, cost, b)
+    np.testing.assert_array_equal(arg, np.argmin(t, axis=1))
+    np.testing.assert_array_equal(mm, t.min(axis=1))
