@@ -311,16 +311,20 @@ def test_dominance_test_matches_the_definition(seed, sampled, monkeypatch):
     np.testing.assert_array_equal(_dominated_pairs(cost, mats), _dominated_by_definition(cost, mats))
 
 
+@pytest.mark.parametrize("path", ["skyline", "pairs"])
 @pytest.mark.parametrize("usage", [False, True])
 @pytest.mark.parametrize("seed", range(10))
-def test_skyline_keeps_what_the_sequential_removal_keeps(seed, usage, monkeypatch):
+def test_kept_is_what_the_sequential_removal_keeps(seed, usage, path, monkeypatch):
     """reduce._kept through _skyline (forced on: no size or candidate threshold)
-    keeps exactly the strategies the sequential removal over the definition's
-    relation keeps: ties (duplicate rows, equal costs) go to the larger index,
-    forbidden columns and the usage condition of memory-relevant nodes count."""
+    or through the pairs of _dominated_pairs keeps exactly the strategies the
+    sequential removal over the definition's relation keeps: ties (duplicate
+    rows, equal costs) go to the larger index, forbidden columns and the usage
+    condition of memory-relevant nodes count, repeated columns (which the
+    tests drop) change nothing."""
     from einpart.passes.shard import reduce as red
-    monkeypatch.setattr(red, "_FULL_TEST_MAX", 0)
-    monkeypatch.setattr(red, "_SKYLINE_PAIRS", 0)
+    if path == "skyline":
+        monkeypatch.setattr(red, "_FULL_TEST_MAX", 0)
+        monkeypatch.setattr(red, "_SKYLINE_PAIRS", 0)
     rng = np.random.default_rng(50 + seed)
     k = int(rng.integers(6, 30))
     cost = rng.integers(0, 4, k).astype(float)
@@ -333,7 +337,7 @@ def test_skyline_keeps_what_the_sequential_removal_keeps(seed, usage, monkeypatc
             a, b = rng.integers(0, k, 2)
             m[a] = m[b]
             cost[a] = cost[b]
-        mats.append(m)
+        mats.append(m[:, rng.integers(0, m.shape[1], 2 * m.shape[1])])     # repeated columns
     use = rng.integers(0, 3, k).astype(float)
     le = (use[:, None] <= use[None, :]) if usage else None
     dom = _dominated_by_definition(cost, mats)
@@ -343,6 +347,17 @@ def test_skyline_keeps_what_the_sequential_removal_keeps(seed, usage, monkeypatc
     got = red._kept(cost, mats, le)
     np.testing.assert_array_equal(got, want)
     assert not want.all() or seed % 3      # (most instances remove something)
+
+
+def test_distinct_columns_keeps_the_first_of_each_in_order():
+    from einpart.passes.shard.reduce import _distinct_columns
+    inf = np.inf
+    m = np.array([[1.0, 0.0, 1.0, inf, 0.0, inf],
+                  [2.0, 3.0, 2.0, 1.0, 3.0, 1.0]])
+    np.testing.assert_array_equal(_distinct_columns(m), m[:, [0, 1, 3]])
+    one = np.array([[1.0], [2.0]])
+    assert _distinct_columns(one) is one
+    np.testing.assert_array_equal(_distinct_columns(m[:, :2]), m[:, :2])   # nothing repeated
 
 
 @pytest.mark.parametrize("sampled", [False, True])
