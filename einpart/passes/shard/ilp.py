@@ -354,6 +354,14 @@ def _cpsat(model, limit, workers, seed, deterministic, log=False, params=None):
     return st, solver
 
 
+# The finish's CP-SAT without presolve probing: on the 40-1200 strategy graphs that
+# eliminate.solve leaves (benchmarks/plan_sweep.py's cases, one worker) probing took
+# up to half of a solve that proves, and never helped one prove (PaLM 540B both
+# phases 0.24 -> 0.14 s, prefill 0.46 -> 0.33 s; Llama 70B prefill on 2x4x4
+# 0.25 -> 0.07 s; at 20 GB one 2 s finish proved without it, not with it)
+FINISH_PARAMS = {"cp_model_probing_level": 0}
+
+
 def solve_work(work: Work, graph: StrategyGraph, best, time_limit: float, workers: int = 2, seed: int = 0,
                deterministic: bool = False, form: str = "enforced"):
     """CP-SAT on the graph left in a Work (eliminate.solve's `finish`: the small
@@ -365,7 +373,7 @@ def solve_work(work: Work, graph: StrategyGraph, best, time_limit: float, worker
     model = _Model(work, form=form)
     if best is not None:
         model.hint(_to_partial(work, best))
-    st, solver = _cpsat(model, time_limit, workers, seed, deterministic)
+    st, solver = _cpsat(model, time_limit, workers, seed, deterministic, params=FINISH_PARAMS)
     if st == cp_model.INFEASIBLE:
         return "unknown", None, -math.inf     # (the caller's pruning kept its best plan: not expected)
     full = work.reconstruct(model.read(solver)) if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
