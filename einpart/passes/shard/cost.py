@@ -341,11 +341,12 @@ class StmtStrategy:
     materialize_s: float = 0.0   # a fused map: what writing its result costs more (see fusion.py)
 
 
-def reduce_plan(s: g.Statement, split: dict, declared: dict):
-    """(reduce collectives, natural layout before them, natural after) as layout.plan_stmt has them."""
+def reduce_plan(s: g.Statement, split: dict, declared: dict, reduced: tuple | None = None):
+    """(reduce collectives, natural layout before them, natural after) as layout.plan_stmt has them;
+    reduced: lay.reduced_indices(s), when the caller has it (stmt_strategies asks once per split)."""
     out = s.type.indices
     natural = {i: tuple(split.get(i, ())) for i in out}
-    red_axes = tuple(a for i in lay.reduced_indices(s) for a in split.get(i, ()))
+    red_axes = tuple(a for i in (lay.reduced_indices(s) if reduced is None else reduced) for a in split.get(i, ()))
     if not red_axes:
         return (), natural, natural
     kind = "pmax" if isinstance(s.op, g.Compute) and s.op.reduce == "max" else "psum"
@@ -453,7 +454,7 @@ def stmt_strategies(s: g.Statement, types: dict, size_maps: list[dict], pricer: 
         nat_parts = math.prod(mesh_size[a] for i in out for a in natural[i])
         variants = []
         for dec in declared:
-            reduce, nat, after = reduce_plan(s, split, dec) if red_axes else ((), natural, natural)
+            reduce, nat, after = reduce_plan(s, split, dec, reduced) if red_axes else ((), natural, natural)
             rt = 0.0
             for c in reduce:
                 ca, cb = pricer.coef(c.kind, c.axes)
