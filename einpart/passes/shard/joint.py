@@ -132,17 +132,19 @@ def joint_limited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, 
 
 
 def joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of, rounds: list,
-                    until: float, built=None) -> tuple[Solved | None, float, tuple | None]:
+                    until: float, built=None, hint=None) -> tuple[Solved | None, float, tuple | None]:
     """The joint problem (both phases, stored layouts shared) without the memory
     limit, solved exactly by elimination (eliminate.py); declaration layouts that
     cannot fit are ruled out first (exact). Its optimum bounds the limited
     optimum from below; when its plan fits, it is the limited optimum: returned
-    as a proved plan. Returns (that plan or None, the bound, (the folded Built,
-    the unlimited plan) when that plan does not fit, for priced())."""
+    as a proved plan. hint: an assignment of `built` (a plan that fits is one of
+    this problem too: an upper bound from the start). Each pass's plan is
+    repaired as in joint_limited. Returns (that plan or None, the bound, (the
+    folded Built, the unlimited plan) when that plan does not fit, for priced())."""
     t0 = time.perf_counter()
     if built is None:
         built = build_joint(graph, mesh, hw, phases, limit, fix, prune, merge)
-    got = eliminate.solve(built.sg, until=until)
+    got = eliminate.solve(built.sg, hint=hint, until=until, repair=KNAPSACK_REPAIR)
     fits = got.assignment is not None and (limit is None or memory_of(built, got.assignment) <= limit)
     rounds.append({"model": "joint unlimited, elimination", "status": got.status, "objective": got.objective,
                    "bound": got.bound, "fits": fits, "wall_s": time.perf_counter() - t0, **built.stats,

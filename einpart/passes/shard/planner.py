@@ -606,7 +606,8 @@ def solve_plan(graph: g.Graph, mesh, hw: Hardware, phases: list[Phase], limit: f
                 return got[0]
             knap_bound, knap_plan = max(knap_bound, got[1]), got[2]
     joint, joint_bound, unlimited = joint_unlimited(graph, mesh, hw, phases, limit, fix, prune, merge, memory_of,
-                                                     rounds, math.inf if deterministic else until, built=folded)
+                                                     rounds, math.inf if deterministic else until, built=folded,
+                                                     hint=knap_plan.solution.assignment if knap_plan else None)
     if joint is not None:
         return joint
     lower, cands = 0.0, []
