@@ -55,6 +55,14 @@ def device() -> dict:
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
 
 
+def envelope(benchmark: str, args, rows: list) -> dict:
+    """A benchmark's JSON: what ran (command, arguments), where (device,
+    versions), when, and its rows."""
+    return {"benchmark": benchmark, "command": " ".join([sys.executable] + sys.argv), "device": device(),
+            "versions": versions(), "args": vars(args), "results": rows,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
 def write_result(result: dict, name: str, out: str | None = None, default=str) -> Path:
     """Write a benchmark's JSON: to `out`, or benchmarks/results/<name>-<time>.json."""
     path = Path(out) if out else ROOT / "benchmarks" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -132,10 +140,7 @@ def main(argv=None) -> int:
                               for k, v in row["phases"].items())
             print(f"L={layers:<4} {phase:<8} {wall:6.2f} s wall {cpu:6.2f} s cpu  {p.status:<8} gap {p.gap:.2%}  "
                   f"{row['strategies']:>6} strategies  {steps}", flush=True)
-    result = {"benchmark": "plan", "command": " ".join([sys.executable] + sys.argv), "device": device(),
-              "versions": versions(), "args": vars(args), "results": rows,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    print(f"wrote {write_result(result, 'plan', args.out)}")
+    print(f"wrote {write_result(envelope('plan', args, rows), 'plan', args.out)}")
     return 0
 
 

@@ -33,7 +33,7 @@ from einpart.errors import EinpartError  # noqa: E402
 from einpart.ir.parser import parse_file  # noqa: E402
 from einpart.passes import run_pipeline  # noqa: E402
 from einpart.passes.shard import joint, plan  # noqa: E402
-from plan import device, versions, write_result  # noqa: E402
+from plan import envelope, write_result  # noqa: E402
 
 MODELS = {
     "palm540b": ("palm.ein", dict(D=18432, F=73728, H=48, K=256, V=256000, L=118)),
@@ -121,10 +121,7 @@ def main(argv=None) -> int:
                 ratios = f"{row['time_ratio']:6.2f} {row['cost_ratio']:7.4f}"
             rows.append(row)
             print(f"{name:<22} {phase:<8} {cell(a):<52} {cell(b) if b else '':<52} {ratios}", flush=True)
-    result = {"benchmark": "plan_sweep", "command": " ".join([sys.executable] + sys.argv), "device": device(),
-              "versions": versions(), "args": vars(args), "results": rows,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    print(f"wrote {write_result(result, 'plan-sweep', args.out)}")
+    print(f"wrote {write_result(envelope('plan_sweep', args, rows), 'plan-sweep', args.out)}")
     return 0
 
 
