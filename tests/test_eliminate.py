@@ -376,6 +376,43 @@ def test_stored_knapsack_bounds_and_proves_the_limited_optimum(mesh, frac):
     assert proved.solution.objective == pytest.approx(ref.objective, rel=1e-6)
 
 
+@pytest.mark.parametrize("hinted", [False, True])
+def test_joint_unlimited_proves_the_unlimited_optimum_from_a_hint(hinted):
+    """joint.joint_unlimited on the tiny palm.ein with a limit that binds: the
+    unlimited optimum (eliminate.solve's, proved), whether it starts from the
+    stored-layout relaxation's plan that fits (a plan of the unlimited problem
+    too: hint) or from nothing; that plan does not fit, so it comes back for
+    priced() with its bound, never as the plan."""
+    import math
+
+    from einpart.passes.shard import joint
+    from einpart.passes.shard.mesh import parse_mesh
+    graph = parse_file("examples/palm.ein")
+    hw, m = load_hardware("tpu-v4"), parse_mesh("x=4")
+    phases = make_phases(graph, "both")
+    memory = lambda b, a: pl.plan_memory(b, a, phases)  # noqa: E731
+    free = pl.Builder(graph, m, hw, phases).build(None)
+    unlimited = eliminate.solve(free.sg)
+    limit = float(int(0.6 * memory(free, unlimited.assignment)))
+    folded = joint.build_joint(graph, m, hw, phases, limit, None, True, False)
+    hint = None
+    if hinted:
+        proved, _, plan_ = joint.joint_limited(graph, m, hw, phases, limit, None, True, False, memory, [],
+                                               math.inf, 0, False, built=folded)
+        hint = (proved or plan_).solution.assignment
+        assert memory(folded, hint) <= limit
+    rounds: list = []
+    got, bound, left = joint.joint_unlimited(graph, m, hw, phases, limit, None, True, False, memory, rounds,
+                                             math.inf, built=folded, hint=hint)
+    best = eliminate.solve(folded.sg)
+    assert best.status == "optimal" and rounds[0]["status"] == "optimal"
+    assert got is None and bound == pytest.approx(best.objective, rel=1e-12)
+    assert memory(folded, left[1]) > limit
+    assert evaluate(folded.sg, left[1]) == pytest.approx(best.objective, rel=1e-12)
+    if hinted:
+        assert best.objective < evaluate(folded.sg, hint)
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_elimination_order_is_the_greedy_min_by_table_fill_and_node(seed):
     """eliminate._order keeps each node's table up to date instead of recomputing
