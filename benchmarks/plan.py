@@ -6,7 +6,9 @@ under 2 s on 2 CPU cores with gap 0 for the layer body.
                               [--dump-iopddl DIR]
 
 Prints a table and writes JSON (device, versions, command, results) to
-benchmarks/results/plan-<time>.json. --dump-iopddl writes each strategy graph
+benchmarks/results/plan-<time>.json. Each row also gives its wall time over a
+fixed machine probe run first (machine_probe: numpy and Python work shaped like
+the planner's), which compares runs across machines. --dump-iopddl writes each strategy graph
 in the IOPDDL JSON format, for benchmarking the solver core on its own
 (`einpart solve-iopddl FILE`).
 """
@@ -63,6 +65,43 @@ def envelope(benchmark: str, args, rows: list) -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def machine_probe(repeats: int = 5) -> dict:
+    """Seconds of a fixed workload shaped like the planner's, the median of a few
+    runs: numpy (broadcast sums and min-reductions over L2-sized blocks, as the
+    junction passes and dominance tests do) and Python (tuples, dicts and small
+    loops, as the builder does). The planner's times over these compare across
+    machines: the same code ran 1.35-1.4x slower on one 2-core machine than on
+    another (2026-12-02 and -03), which the times alone do not show."""
+    rng = np.random.default_rng(0)
+    a, b, c = rng.random((64, 1, 32, 32)), rng.random((1, 64, 32, 32)), rng.random((64, 64, 1, 32))
+    buf = np.empty((64, 64, 32, 32))
+
+    def numpy_part():
+        for _ in range(12):
+            np.add(a, b, out=buf)
+            np.add(buf, c, out=buf)
+            buf.min(axis=-1)
+            buf.min(axis=(0, 2))
+
+    def python_part():
+        d = {}
+        for i in range(1_200_000):
+            key = (i % 97, (i * 7) % 13, ("x", "y")[i & 1])
+            d[key] = d.get(key, 0) + len(key)
+        return d
+
+    out = {}
+    for name, fn in (("numpy_s", numpy_part), ("python_s", python_part)):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times))
+    out["total_s"] = out["numpy_s"] + out["python_s"]
+    return out
+
+
 def write_result(result: dict, name: str, out: str | None = None, default=str) -> Path:
     """Write a benchmark's JSON: to `out`, or benchmarks/results/<name>-<time>.json."""
     path = Path(out) if out else ROOT / "benchmarks" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -112,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", metavar="FILE")
     args = ap.parse_args(argv)
 
+    probe = machine_probe()
+    print(f"machine probe: {probe['total_s']:.3f} s (numpy {probe['numpy_s']:.3f}, python {probe['python_s']:.3f}); "
+          "'x probe' below is wall / probe", flush=True)
     rows = []
     for layers in args.layers:
         t0 = time.perf_counter()
@@ -138,9 +180,10 @@ def main(argv=None) -> int:
             steps = ", ".join(f"{k} {v['step_s'] * (1e3 if k == 'decode' else 1):.4g} "
                               f"{'ms' if k == 'decode' else 's'} (MFU {100 * v['mfu']:.0f}%)"
                               for k, v in row["phases"].items())
-            print(f"L={layers:<4} {phase:<8} {wall:6.2f} s wall {cpu:6.2f} s cpu  {p.status:<8} gap {p.gap:.2%}  "
-                  f"{row['strategies']:>6} strategies  {steps}", flush=True)
-    print(f"wrote {write_result(envelope('plan', args, rows), 'plan', args.out)}")
+            row["wall_over_probe"] = wall / probe["total_s"]
+            print(f"L={layers:<4} {phase:<8} {wall:6.2f} s wall {cpu:6.2f} s cpu {row['wall_over_probe']:5.1f} x probe  "
+                  f"{p.status:<8} gap {p.gap:.2%}  {row['strategies']:>6} strategies  {steps}", flush=True)
+    print(f"wrote {write_result(dict(envelope('plan', args, rows), machine_probe=probe), 'plan', args.out)}")
     return 0
 
 
