@@ -297,6 +297,7 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
     lam = np.zeros(work.nseg)
     duals = _Duals()
     theta, stall, flat, exact_passes, slow = 1.0, 0, 0, 0, 0
+    omega = STAR_DAMPING
     best_mult = (lam.copy(), {})
     sides: dict = {}          # one priced segment: its last pass above (+1) and below (-1) the limit
     for it in range(max_iter):
@@ -370,10 +371,11 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
         # subgradient step (Polyak) on the edge and the memory multipliers
         gap = (ub - low) if math.isfinite(ub) else max(abs(low), 1.0) * 0.01
         stall = 0 if improved else stall + 1
+        restored = False
         if improved:
             best_mult = (lam.copy(), dict(duals.lam))
-        elif stall >= 3:       # back to the best multipliers, with a shorter step
-            theta, stall = theta / 2, 0
+        elif stall >= 3:       # back to the best multipliers, with shorter steps from there
+            theta, omega, stall, restored = theta / 2, omega / 2, 0, True
             lam, duals.lam = best_mult[0].copy(), dict(best_mult[1])
         flat = 0 if improved and low > lb_before + 1e-4 * gap else flat + 1
         slow = 0 if improved and low > lb_before + 1e-2 * gap else slow + 1
@@ -383,7 +385,8 @@ def solve(graph, hint=None, until: float = math.inf, cap: float = CAP, total: fl
         if flat >= 6 and dropped and cap < max_cap:      # the relaxation is too weak: keep more edges
             cap, total, flat, theta = min(4 * cap, max_cap), 4 * total, 0, 1.0
             stats["cap"] = cap
-        _star_updates(side, ends, p, before, duals)
+        if not restored:      # (a star update starts from this pass's multipliers, not the best ones)
+            _star_updates(side, ends, p, before, duals, omega)
         if len(binding):
             g = (_usage(work, parts, p.plan) - bvec)[binding]
             if len(binding) == 1 and g[0] != 0:

@@ -32,9 +32,12 @@ FINISH_S = 10.0
 FINISH_SMALL = 600
 FINISH_LARGE_S = 2.0
 # Passes the stored-layout relaxation gets (PaLM 540B: proved after 12-14), and the
-# flat passes in a row after which it gives up (the planner's other steps follow).
+# flat passes in a row after which it gives up (the planner's other steps follow): 6
+# lets eliminate.solve try shorter multiplier steps from its best ones after 3 (with 4
+# it gave up first; Llama 70B both phases on tpu-v4 2x4x4: gap 2.4% -> 1.0%, 9.1 ->
+# 8.8 s; PaLM 540B both at 24 / 20 GB: +0.4 / +0.3 s, the same plans).
 KNAPSACK_ITERATIONS = 30
-KNAPSACK_PATIENCE = 4
+KNAPSACK_PATIENCE = 6
 # Descent iterations from each pass's plan (eliminate.solve's repair): the passes' plans
 # rarely fit, and a fitting one near them is a better upper bound (PaLM 540B, 8 layers:
 # 14 passes and a 0.1 s finish instead of 20 and 1.7 s; 20 finds what 100 do).
