@@ -118,6 +118,7 @@ def test_pruning_and_folding_keep_the_optimum():
     """The exhaustive model (rope pairs splittable, every reduce-scatter its own
     strategy) finds nothing better on the tiny model."""
     from einpart.passes.shard import ilp, planner as pl
+    from einpart.passes.shard.solving import solve_built
     from einpart.passes.shard.hardware import load_hardware
     from einpart.passes.shard.phases import make_phases
     graph, mesh, hw = tiny(), (("x", 2), ("y", 4)), load_hardware("tpu-v4")
@@ -125,8 +126,8 @@ def test_pruning_and_folding_keep_the_optimum():
     best = []
     for fold, prune in ((True, True), (False, False)):
         b = pl.Builder(graph, mesh, hw, phases, fold=fold, prune=prune).build(None)
-        sol = pl.solve_built(b, lambda: pl.Builder(graph, mesh, hw, phases, fold=fold, prune=prune,
-                                                   merge=False).build(None), time_limit=20)
+        sol = solve_built(b, lambda: pl.Builder(graph, mesh, hw, phases, fold=fold, prune=prune,
+                                                merge=False).build(None), time_limit=20)
         assert sol.status == "optimal"
         best.append(sol.objective)
     assert best[0] == pytest.approx(best[1], rel=1e-9)

@@ -1,5 +1,5 @@
-"""The planner's exact steps by elimination (planner.solve_plan, and
-joint_limited for one phase too: planner.solve_phase).
+"""The planner's exact steps by elimination (solving.solve_plan, and
+joint_limited for one phase too: solving.solve_phase).
 
 Why a module of its own: prefill and decode share only the stored layouts
 (weights, KV cache), and the joint strategy graph that ties them is what CP-SAT

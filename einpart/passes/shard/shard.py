@@ -27,6 +27,7 @@ from ...ir import layout as lay
 from ...ir.verify import verify
 from ..manager import Pass, register_pass
 from . import planner as pl
+from .solving import solve_plan
 from .hardware import load_hardware
 from .mesh import mesh_devices, parse_mesh
 from .phases import find_roles, make_phases, sized, with_size
@@ -199,8 +200,8 @@ def plan(graph: g.Graph, mesh, hardware="cpu", phase: str = "both", batch: int =
     if limit is not None and not math.isfinite(limit):
         limit = None
     try:
-        solved = pl.solve_plan(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed,
-                               lambda b, a: pl.plan_memory(b, a, phases), deterministic, merge_pairs)
+        solved = solve_plan(graph, mesh, hw, phases, limit, time_limit, workers, fix, prune, seed,
+                            lambda b, a: pl.plan_memory(b, a, phases), deterministic, merge_pairs)
     except pl.NoPlanInTime as exc:
         return fallback_plan(graph, mesh, hw, phases, limit, str(exc), t0)
     t2 = time.perf_counter()
