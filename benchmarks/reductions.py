@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from einpart.ir.parser import parse_file  # noqa: E402
 from einpart.passes import run_pipeline  # noqa: E402
-from einpart.passes.shard import planner as pl, reduce as red  # noqa: E402
+from einpart.passes.shard import dominance, planner as pl, reduce as red  # noqa: E402
 from einpart.passes.shard.hardware import load_hardware  # noqa: E402
 from einpart.passes.shard.iopddl import load_iopddl  # noqa: E402
 from einpart.passes.shard.mesh import parse_mesh  # noqa: E402
@@ -45,14 +45,14 @@ def full_dominance(cost, mats):
 
 
 def reduce_once(sg, fn):
-    red._dominated_pairs, saved = fn, red._dominated_pairs
+    dominance._dominated_pairs, saved = fn, dominance._dominated_pairs
     try:
         c0 = time.process_time()
         w = red.Work(sg.node_costs, sg.node_usages, sg.intervals, sg.edges, sg.edge_costs, sg.usage_limit)
         w.run()
         return time.process_time() - c0, w
     finally:
-        red._dominated_pairs = saved
+        dominance._dominated_pairs = saved
 
 
 def graphs(args):
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = []
     for name, sg in graphs(args):
-        t_new, w_new = reduce_once(sg, red._dominated_pairs)
+        t_new, w_new = reduce_once(sg, dominance._dominated_pairs)
         t_old, w_old = reduce_once(sg, full_dominance)
         same = w_new.counts() == w_old.counts() and all(
             np.array_equal(w_new.strat[i], w_old.strat[i]) for i in w_new.nodes())

@@ -293,12 +293,12 @@ def _dominated_by_definition(cost, mats):
 @pytest.mark.parametrize("sampled", [False, True, "in blocks"])
 @pytest.mark.parametrize("seed", range(12))
 def test_dominance_test_matches_the_definition(seed, sampled, monkeypatch):
-    from einpart.passes.shard import reduce as red
-    from einpart.passes.shard.reduce import _dominated_pairs
+    from einpart.passes.shard import dominance as dm
+    from einpart.passes.shard.dominance import _dominated_pairs
     if sampled:      # the sampled-columns path, which only large nodes take otherwise
-        monkeypatch.setattr(red, "_FULL_TEST_MAX", 0)
+        monkeypatch.setattr(dm, "_FULL_TEST_MAX", 0)
     if sampled == "in blocks":      # its exact test in blocks of a few pairs (_PAIR_CHUNK)
-        monkeypatch.setattr(red, "_PAIR_CHUNK", 5)
+        monkeypatch.setattr(dm, "_PAIR_CHUNK", 5)
     rng = np.random.default_rng(seed)
     k = int(rng.integers(2, 14))
     cost = rng.integers(0, 6, k).astype(float)
@@ -315,16 +315,16 @@ def test_dominance_test_matches_the_definition(seed, sampled, monkeypatch):
 @pytest.mark.parametrize("usage", [False, True])
 @pytest.mark.parametrize("seed", range(10))
 def test_kept_is_what_the_sequential_removal_keeps(seed, usage, path, monkeypatch):
-    """reduce._kept through _skyline (forced on: no size or candidate threshold)
+    """dominance.kept_strategies through _skyline (forced on: no size or candidate threshold)
     or through the pairs of _dominated_pairs keeps exactly the strategies the
     sequential removal over the definition's relation keeps: ties (duplicate
     rows, equal costs) go to the larger index, forbidden columns and the usage
     condition of memory-relevant nodes count, repeated columns (which the
     tests drop) change nothing."""
-    from einpart.passes.shard import reduce as red
+    from einpart.passes.shard import dominance as dm
     if path == "skyline":
-        monkeypatch.setattr(red, "_FULL_TEST_MAX", 0)
-        monkeypatch.setattr(red, "_SKYLINE_PAIRS", 0)
+        monkeypatch.setattr(dm, "_FULL_TEST_MAX", 0)
+        monkeypatch.setattr(dm, "_SKYLINE_PAIRS", 0)
     rng = np.random.default_rng(50 + seed)
     k = int(rng.integers(6, 30))
     cost = rng.integers(0, 4, k).astype(float)
@@ -343,14 +343,14 @@ def test_kept_is_what_the_sequential_removal_keeps(seed, usage, path, monkeypatc
     dom = _dominated_by_definition(cost, mats)
     if le is not None:
         dom &= le.T
-    want = red._undominated(dom)
-    got = red._kept(cost, mats, le)
+    want = dm._undominated(dom)
+    got = dm.kept_strategies(cost, mats, le)
     np.testing.assert_array_equal(got, want)
     assert not want.all() or seed % 3      # (most instances remove something)
 
 
 def test_distinct_columns_keeps_the_first_of_each_in_order():
-    from einpart.passes.shard.reduce import _distinct_columns
+    from einpart.passes.shard.dominance import _distinct_columns
     inf = np.inf
     m = np.array([[1.0, 0.0, 1.0, inf, 0.0, inf],
                   [2.0, 3.0, 2.0, 1.0, 3.0, 1.0]])
@@ -366,14 +366,14 @@ def test_dominance_of_a_row_an_edge_forbids_entirely(sampled, monkeypatch):
     other strategy dominates it, except one that forbids a column it allows on
     another edge (-inf + inf is no dominance, as in the definition). The fast test
     uses finite stand-ins for inf, whose sums would get this wrong."""
-    from einpart.passes.shard import reduce as red
+    from einpart.passes.shard import dominance as dm
     if sampled:
-        monkeypatch.setattr(red, "_FULL_TEST_MAX", 0)
+        monkeypatch.setattr(dm, "_FULL_TEST_MAX", 0)
     inf = np.inf
     cost = np.array([0.0, 5.0, 1.0, 2.0])
     m1 = np.array([[inf, inf], [0.0, 1.0], [2.0, 0.0], [1.0, 1.0]])     # strategy 0: forbidden on all of m1
     m2 = np.array([[0.0, 0.0, 3.0], [0.0, 0.0, 0.0], [0.0, inf, 0.0], [1.0, 0.0, 2.0]])
-    dom = red._dominated_pairs(cost, [m1, m2])
+    dom = dm._dominated_pairs(cost, [m1, m2])
     np.testing.assert_array_equal(dom, _dominated_by_definition(cost, [m1, m2]))
     assert dom[0].tolist() == [False, True, False, True]      # 2 forbids m2's column 1, which 0 allows
 
@@ -383,7 +383,7 @@ def test_masked_gain_passes_over_the_columns_the_switched_from_strategy_forbids(
     """_masked_gain (fmax over b - a, no mask) gives the masked definition's values
     bit for bit: a column that a forbids never counts, one only b forbids is +inf,
     and a pair where both forbid every column is -inf."""
-    from einpart.passes.shard.reduce import _masked_gain
+    from einpart.passes.shard.dominance import _masked_gain
     rng = np.random.default_rng(seed)
     k, m = int(rng.integers(2, 9)), int(rng.integers(1, 7))
     mat = rng.random((k, m)) * 10
@@ -506,10 +506,10 @@ def test_enforced_form_keeps_the_optimum_of_scaled_costs():
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 17])
 def test_chain_elimination_in_blocks_is_the_whole_min(chunk, monkeypatch):
     """reduce._chain_min (a degree-2 node's elimination, in blocks of u's rows
-    of about _PAIR_CHUNK entries): the same argmin and min, bit for bit, as over
+    of about _CHAIN_BLOCK entries): the same argmin and min, bit for bit, as over
     the whole u x v x w tensor, infinities included."""
     from einpart.passes.shard import reduce as red
-    monkeypatch.setattr(red, "_PAIR_CHUNK", chunk)
+    monkeypatch.setattr(red, "_CHAIN_BLOCK", chunk)
     rng = np.random.default_rng(chunk)
     a, b = rng.random((9, 5)) * 7, rng.random((5, 4)) * 3
     a[rng.random(a.shape) < 0.2] = np.inf
