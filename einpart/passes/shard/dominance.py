@@ -134,8 +134,15 @@ def _live_dominated_pairs(cost, mats, dead):
         d[dead] = INF
         return d <= 0
     lb, sampled = _sampled_bound(cost, mats, dead)
-    if lb is None:
-        return none
+    return none if lb is None else _exact_pairs(cost, mats, lb, sampled)
+
+
+def _exact_pairs(cost, mats, lb, sampled):
+    """dom[a, b] for the pairs the sampled bound leaves (lb <= 0): each edge's
+    sampled term made exact, cheapest edge first, a pair dropped as soon as
+    its sum is positive."""
+    k = len(cost)
+    none = np.zeros((k, k), bool)
     with np.errstate(invalid="ignore"):
         a_ix, b_ix = np.nonzero(lb <= 0)
         order = sorted(range(len(mats)), key=lambda e: mats[e].shape[1])
@@ -242,7 +249,7 @@ def kept_strategies(cost, mats, le=None):
     for m in mats:
         dead |= np.isinf(m).all(axis=1)
     if k * k * sum(m.shape[1] for m in mats) > _FULL_TEST_MAX and not dead.any():
-        lb, _ = _sampled_bound(cost, mats, dead)
+        lb, sampled = _sampled_bound(cost, mats, dead)
         if lb is None:
             return np.ones(k, bool)
         cand = lb <= 0
@@ -250,7 +257,9 @@ def kept_strategies(cost, mats, le=None):
             cand &= le.T
         if cand.sum() > _SKYLINE_PAIRS * k:
             return _skyline(cost, mats, cand, le)
-    dom = _dominated_pairs(cost, mats)
+        dom = _exact_pairs(cost, mats, lb, sampled)    # (_dominated_pairs would sample again)
+    else:
+        dom = _dominated_pairs(cost, mats)
     if le is not None:
         dom &= le.T
     np.fill_diagonal(dom, False)
